@@ -1,0 +1,27 @@
+"""User-facing errors: each message says what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class EfficientLLaVAError(Exception):
+    """Base class of errors the CLI prints as one line (no traceback)."""
+
+
+class ConfigError(EfficientLLaVAError):
+    """A YAML file, a policy or a CLI argument is malformed."""
+
+
+class ModelLoadError(EfficientLLaVAError):
+    """A model spec cannot be resolved to a LLaVA checkpoint."""
+
+
+class DataError(EfficientLLaVAError):
+    """A data set cannot be loaded or does not have the expected layout."""
+
+
+class PolicyError(ConfigError):
+    """A pruning policy does not fit the model or the search space."""
+
+
+class ResourceError(EfficientLLaVAError):
+    """A request for resources (GPUs, CPUs, storage) that the cluster cannot satisfy."""

@@ -1,0 +1,193 @@
+"""The built-in tiny LLaVA: built from a config, trained on the synthetic task, cached in HF layout.
+
+It is a real `LlavaForConditionalGeneration` (CLIP vision tower, 2-layer MLP projector, Llama
+decoder) saved with `save_pretrained`, so everything downstream loads it through the same
+`from_pretrained` path as `llava-hf/llava-1.5-7b-hf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from efficientllava.data.synthetic import IMAGE_SIZE, generate, make_synthetic, question_words
+from efficientllava.filelock import file_lock
+from efficientllava.models.tokenizer import build_word_tokenizer
+from efficientllava.prompting import COMPACT, build_prompt, encode_batches, model_inputs
+from efficientllava.scoring.accuracy import evaluate_accuracy
+
+FORMAT_VERSION = 1  # bump when the training recipe changes, so old caches are not reused
+META_FILE = "efficientllava.json"  # prompt format and provenance, next to config.json
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Architecture and training recipe of the built-in tiny model; its hash keys the cache."""
+
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    patch_size: int = 16  # one image token per quadrant of the 32 px synthetic images
+    text_hidden: int = 128
+    text_intermediate: int = 256
+    text_layers: int = 6
+    text_heads: int = 4
+    train_samples: int = 12000
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 3e-3
+    threads: int = 1
+    seed: int = 0
+    eval_samples: int = 512
+
+    def key(self) -> str:
+        """Stable short hash of the config and recipe version."""
+        blob = json.dumps({**dataclasses.asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def home_dir() -> Path:
+    """The cache root: $EFFICIENTLLAVA_HOME, default ~/.cache/efficientllava."""
+    return Path(os.environ.get("EFFICIENTLLAVA_HOME", Path.home() / ".cache" / "efficientllava"))
+
+
+def build_tiny(cfg: TinyConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised tiny LLaVA and its processor (offline word-level tokenizer)."""
+    tokenizer = build_word_tokenizer([*question_words(), build_prompt("", [], "", COMPACT, "<image>")])
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                              image_size=IMAGE_SIZE, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden,
+                       intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
+                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_heads,
+                       max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1,
+                         projector_hidden_act="gelu")
+    torch.manual_seed(cfg.seed)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _scene_targets(rows: list[dict], tokenizer, batch_size: int, n_quadrants: int) -> list[torch.Tensor]:
+    """Per image token (one per quadrant) a soft target over {its shape, its colour} or 'nothing'."""
+    vocab, nothing = len(tokenizer), tokenizer.convert_tokens_to_ids("nothing")
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        target = torch.zeros(len(chunk), n_quadrants, vocab)
+        target[:, :, nothing] = 1.0
+        for i, row in enumerate(chunk):
+            for quadrant, shape, color in row["objects"]:
+                target[i, quadrant, nothing] = 0.0
+                target[i, quadrant, tokenizer.convert_tokens_to_ids(shape)] = 0.5
+                target[i, quadrant, tokenizer.convert_tokens_to_ids(color)] = 0.5
+        out.append(target)
+    return out
+
+
+def train_tiny(cfg: TinyConfig, out_dir: Path, log: bool = True) -> dict:
+    """Train a tiny LLaVA on the synthetic task (deterministic given cfg.seed) and save it to `out_dir`.
+
+    Loss: the answer letter's next-token cross-entropy (as LLaVA is trained) plus an auxiliary
+    scene loss at the image tokens (each names its quadrant's shape and colour through lm_head),
+    which lets a from-scratch vision tower learn in a few hundred steps instead of thousands.
+    """
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # deterministic and immune to spin-waits on a busy machine
+    torch.manual_seed(cfg.seed)
+    model, processor = build_tiny(cfg)
+    rows = generate(cfg.train_samples, cfg.seed, "pretrain")
+    train = encode_batches(processor, _as_dataset(rows), cfg.batch_size, COMPACT)
+    n_quadrants = (IMAGE_SIZE // cfg.patch_size) ** 2
+    scenes = _scene_targets(rows, processor.tokenizer, cfg.batch_size, n_quadrants)
+    heldout = encode_batches(processor, make_synthetic(cfg.eval_samples, cfg.seed + 1, "pretrain"), 128, COMPACT)
+    image_id = model.config.image_token_index
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    total = cfg.epochs * len(train)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    for epoch in range(cfg.epochs):
+        for i in torch.randperm(len(train), generator=gen).tolist():
+            batch = train[i]
+            hidden = model.model(**model_inputs(batch)).last_hidden_state
+            rows_idx = torch.arange(hidden.shape[0])
+            answer = model.lm_head(hidden[rows_idx, batch["answer_pos"]])
+            image = model.lm_head(hidden[batch["input_ids"] == image_id])
+            loss = F.cross_entropy(answer, batch["labels"]) + F.cross_entropy(image, scenes[i].flatten(0, 1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        if log:
+            model.eval()
+            acc = evaluate_accuracy(model, heldout).accuracy
+            model.train()
+            print(f"[tiny] epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.3f}, "
+                  f"held-out accuracy {acc:.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
+    model.eval()
+    meta = {"prompt_format": COMPACT, "tiny_config": dataclasses.asdict(cfg), "key": cfg.key(),
+            "pretrain_heldout_accuracy": evaluate_accuracy(model, heldout).accuracy,
+            "train_seconds": round(time.perf_counter() - start, 1)}
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    torch.set_num_threads(threads)
+    return meta
+
+
+def _as_dataset(rows: list[dict]):
+    import datasets
+
+    from efficientllava.data.schema import FEATURES
+
+    return datasets.Dataset.from_list([{k: r[k] for k in FEATURES} for r in rows], features=FEATURES)
+
+
+def ensure_tiny(cfg: TinyConfig | None = None) -> Path:
+    """Path of the cached tiny checkpoint for `cfg`, training it first if it is not cached yet."""
+    cfg = cfg or TinyConfig()
+    final = home_dir() / "models" / f"tiny-{cfg.key()}"
+    if (final / META_FILE).exists():
+        return final
+    with file_lock(  # several trial actors may ask for the model at once
+            final.with_suffix(".lock")):
+        if (final / META_FILE).exists():
+            return final
+        print(f"[tiny] training the built-in tiny LLaVA once (cached at {final}) ...", flush=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+        try:
+            train_tiny(cfg, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # atomic: a killed training leaves no half-written cache
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,94 @@
+"""One loaded model + task + encoded batches + cost model: what scoring, trials and the CLI share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+
+from efficientllava.config import ModelConfig
+from efficientllava.data import DataConfig, TaskData, load_task
+from efficientllava.filelock import file_lock
+from efficientllava.models import LoadedModel, load_model
+from efficientllava.prompting import encode_batches
+from efficientllava.pruning.bank import MANIFEST, BankSpec, VariantBank, build_bank
+from efficientllava.pruning.units import num_decoder_layers
+from efficientllava.scoring.cost import CostModel
+from efficientllava.scoring.objective import PolicyScorer
+from efficientllava.scoring.srm import SRMConfig
+from efficientllava.space import SearchSpace
+
+
+@dataclass
+class Pipeline:
+    """A live model with its few-shot set encoded once on its device (reused by every trial)."""
+
+    loaded: LoadedModel
+    task: TaskData
+    batch_size: int
+    fewshot_batches: list[dict[str, torch.Tensor]]
+    _heldout: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The LLaVA model."""
+        return self.loaded.model
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the language model."""
+        return num_decoder_layers(self.model)
+
+    def encode(self, dataset: datasets.Dataset) -> list[dict[str, torch.Tensor]]:
+        """Encode any schema dataset for this model."""
+        return encode_batches(self.loaded.processor, dataset, self.batch_size, self.loaded.prompt_format,
+                              self.loaded.device, self.loaded.dtype)
+
+    @property
+    def heldout_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The held-out split, encoded on first use."""
+        if self._heldout is None:
+            self._heldout = self.encode(self.task.heldout)
+        return self._heldout
+
+    def tokens_per_sample(self) -> int:
+        """Mean LLM sequence length of the few-shot samples (image tokens included)."""
+        total = sum(int(b["attention_mask"].sum()) for b in self.fewshot_batches)
+        return max(1, round(total / max(1, sum(len(b["answers"]) for b in self.fewshot_batches))))
+
+    def cost_model(self, granularity: str) -> CostModel:
+        """Cost model of this model at `granularity`."""
+        return CostModel.from_model(self.model, granularity, self.tokens_per_sample())
+
+    def bank_spec(self, space: SearchSpace) -> BankSpec:
+        """The variant-bank spec that covers every level `space` can choose."""
+        units = space.unit_names(self.num_layers)
+        return BankSpec(space.granularity, tuple((u, space.levels_for(u)) for u in units), space.method,
+                        space.pattern, space.percdamp, space.blocksize)
+
+    def bank(self, space: SearchSpace, banks_dir: Path, projector_version: int = 0, log: bool = True) -> VariantBank:
+        """Open the bank for (space, few-shot set, projector version) under `banks_dir`, building it once."""
+        spec = self.bank_spec(space)
+        # Magnitude pruning ignores calibration inputs, so its bank survives projector updates.
+        calibration = "" if space.method == "magnitude" else f"{self.task.fingerprint}/projector-{projector_version}"
+        root = Path(banks_dir) / spec.fingerprint(f"{self.loaded.path}|{calibration}")
+        with file_lock(root.with_suffix(".lock")):  # several trial actors may ask at once; one builds
+            if (root / MANIFEST).is_file():
+                return VariantBank.open(root)
+            return build_bank(self.model, self.fewshot_batches, spec, root, calibration, log=log)
+
+    def scorer(self, space: SearchSpace, bank: VariantBank, srm: SRMConfig) -> PolicyScorer:
+        """A PolicyScorer on the few-shot batches."""
+        return PolicyScorer(self.model, self.fewshot_batches, bank, space.budget, srm,
+                            self.cost_model(space.granularity))
+
+
+def open_pipeline(model: ModelConfig, data: DataConfig, batch_size: int = 32) -> Pipeline:
+    """Load the model and the task, and encode the few-shot set on the model's device."""
+    loaded = load_model(model.spec, dtype=model.dtype, device=model.device)
+    task = load_task(data)
+    batches = encode_batches(loaded.processor, task.fewshot, batch_size, loaded.prompt_format, loaded.device,
+                             loaded.dtype)
+    return Pipeline(loaded, task, batch_size, batches)

@@ -1,0 +1,380 @@
+"""Search spaces: which units, which sparsity levels, which budget and pruning method (YAML-backed)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from efficientllava.errors import ConfigError, PolicyError
+from efficientllava.policy import PruningPolicy
+from efficientllava.pruning.units import GRANULARITIES, unit_names
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+OVER_BUDGET = ("repair", "penalize", "reject")
+BUDGET_KINDS = ("sparsity",)
+_PATTERN = re.compile(r"^(?:unstructured|(\d+):(\d+))$")
+_UNIT = re.compile(r"^layer\.(\d+)(?:\.(attn|mlp))?$")
+_EPS = 1e-9  # float tolerance for grids and level comparisons
+_LEVEL_DIGITS = 10  # grid levels are rounded so 0.1 * 3 is stored as 0.3
+
+_TOP_KEYS = ("name", "granularity", "levels", "unit_levels", "budget", "method", "pattern", "calibration")
+_BUDGET_KEYS = ("kind", "target", "tolerance", "over_budget", "penalty")
+_CALIB_KEYS = ("percdamp", "blocksize")
+_GRID_KEYS = ("start", "stop", "step")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """`None` for "unstructured", `(N, M)` for "N:M" with 0 < N < M; ConfigError otherwise."""
+    match = _PATTERN.match(pattern) if isinstance(pattern, str) else None
+    if match is None:
+        raise ConfigError(f"pattern {pattern!r} is not 'unstructured' or 'N:M' (e.g. '2:4')")
+    if match.group(1) is None:
+        return None
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ConfigError(f"pattern {pattern!r} needs 0 < N < M")
+    return n, m
+
+
+def _check_levels(levels: tuple[float, ...], where: str, pattern: tuple[int, int] | None) -> None:
+    """Levels: non-empty, numbers in [0, 1), and only 0 and N/M for an N:M pattern."""
+    if not levels:
+        raise ConfigError(f"{where} is empty; give at least one sparsity level in [0, 1)")
+    for level in levels:
+        if not _is_number(level) or not (math.isfinite(level) and 0.0 <= level < 1.0):
+            raise ConfigError(f"{where} has level {level!r}; levels are numbers in [0, 1)")
+    if pattern is not None:
+        n, m = pattern
+        allowed = (0.0, n / m)
+        bad = [lv for lv in levels if not any(abs(lv - a) < _EPS for a in allowed)]
+        if bad:
+            raise ConfigError(
+                f"{where} has level {bad[0]!r}, but pattern '{n}:{m}' only allows levels 0.0 and {n / m:g}"
+            )
+
+
+def _norm_levels(levels: Any) -> tuple[float, ...]:
+    """Sorted, de-duplicated, rounded levels (no validation)."""
+    return tuple(sorted({round(float(lv), _LEVEL_DIGITS) + 0.0 for lv in levels}))
+
+
+def _unit_sort_key(unit: str) -> tuple[int, int]:
+    match = _UNIT.match(unit)
+    assert match is not None  # callers validate names first
+    return int(match.group(1)), {None: 0, "attn": 1, "mlp": 2}[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Cost constraint: the parameter-weighted mean sparsity must be >= target - tolerance.
+
+    `over_budget` says what a trial does with a policy that misses it: "repair" raises its levels
+    (see `repair`), "penalize" subtracts `penalty * shortfall` from the objective, "reject" scores
+    it as failed.
+    """
+
+    target: float
+    tolerance: float = 0.01
+    over_budget: str = "repair"
+    penalty: float = 1.0
+    kind: str = "sparsity"
+
+    def __post_init__(self) -> None:
+        """Validate the constants."""
+        if self.kind not in BUDGET_KINDS:
+            raise ConfigError(f"budget.kind {self.kind!r} is not one of {', '.join(BUDGET_KINDS)}")
+        if not _is_number(self.target) or not 0.0 < self.target < 1.0:
+            raise ConfigError(f"budget.target {self.target!r} must be a number in (0, 1) (a mean sparsity)")
+        if not _is_number(self.tolerance) or not 0.0 <= self.tolerance < self.target:
+            raise ConfigError(f"budget.tolerance {self.tolerance!r} must be a number in [0, target)")
+        if self.over_budget not in OVER_BUDGET:
+            raise ConfigError(
+                f"budget.over_budget {self.over_budget!r} is not one of {', '.join(OVER_BUDGET)}"
+            )
+        if not _is_number(self.penalty) or not (math.isfinite(self.penalty) and self.penalty >= 0):
+            raise ConfigError(f"budget.penalty {self.penalty!r} must be a number >= 0")
+        for name in ("target", "tolerance", "penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def floor(self) -> float:
+        """The least mean sparsity that meets the budget."""
+        return self.target - self.tolerance
+
+    def within(self, mean_sparsity: float) -> bool:
+        """Whether a mean sparsity meets the budget."""
+        return mean_sparsity >= self.floor - _EPS
+
+    def shortfall_penalty(self, mean_sparsity: float) -> float:
+        """`penalty * max(0, floor - mean)`: what "penalize" subtracts from the objective."""
+        return self.penalty * max(0.0, self.floor - mean_sparsity)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a search may choose: a level per unit, under a budget, pruned by one method and pattern."""
+
+    granularity: str
+    levels: tuple[float, ...]
+    budget: Budget
+    unit_levels: tuple[tuple[str, tuple[float, ...]], ...] = ()  # per-unit overrides (space evolution)
+    method: str = "sparsegpt"
+    pattern: str = "unstructured"
+    percdamp: float = 0.01
+    blocksize: int = 128
+    name: str = "space"
+    _overrides: dict[str, tuple[float, ...]] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        """Validate every field and normalise levels (sorted, unique)."""
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        nm = parse_pattern(self.pattern)
+        if not isinstance(self.budget, Budget):
+            raise ConfigError(f"budget must be a Budget, got {type(self.budget).__name__}")
+        if not _is_number(self.percdamp) or not (math.isfinite(self.percdamp) and self.percdamp > 0):
+            raise ConfigError(f"calibration.percdamp {self.percdamp!r} must be a number > 0")
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ConfigError(f"calibration.blocksize {self.blocksize!r} must be an integer >= 1")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"name {self.name!r} must be a non-empty string")
+        if not isinstance(self.levels, (list, tuple)):
+            raise ConfigError(f"levels must be a list of numbers in [0, 1), got {type(self.levels).__name__}")
+        _check_levels(tuple(self.levels), "levels", nm)
+        object.__setattr__(self, "levels", _norm_levels(self.levels))
+        overrides: dict[str, tuple[float, ...]] = {}
+        pairs = self.unit_levels.items() if isinstance(self.unit_levels, Mapping) else self.unit_levels
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise ConfigError(f"unit_levels entry {pair!r} is not a (unit, levels) pair")
+            unit, levels = pair
+            match = _UNIT.match(unit) if isinstance(unit, str) else None
+            if match is None or (match.group(2) is None) != (self.granularity == "layer"):
+                example = "layer.3" if self.granularity == "layer" else "layer.3.attn / layer.3.mlp"
+                raise ConfigError(
+                    f"unit_levels names unit {unit!r}, not a {self.granularity}-granularity unit like {example}"
+                )
+            if unit in overrides:
+                raise ConfigError(f"unit_levels gives unit {unit!r} twice")
+            if not isinstance(levels, (list, tuple)):
+                raise ConfigError(f"unit_levels.{unit} must be a list of levels, got {type(levels).__name__}")
+            _check_levels(tuple(levels), f"unit_levels.{unit}", nm)
+            overrides[unit] = _norm_levels(levels)
+        ordered = tuple(sorted(overrides.items(), key=lambda kv: _unit_sort_key(kv[0])))
+        object.__setattr__(self, "unit_levels", ordered)
+        object.__setattr__(self, "_overrides", dict(ordered))
+        object.__setattr__(self, "percdamp", float(self.percdamp))
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """`(N, M)` of an N:M pattern, `None` when unstructured."""
+        return parse_pattern(self.pattern)
+
+    def levels_for(self, unit: str) -> tuple[float, ...]:
+        """The levels `unit` may take (its override, else the shared levels)."""
+        return self._overrides.get(unit, self.levels)
+
+    def unit_names(self, num_layers: int) -> list[str]:
+        """Unit names, in model order, for a decoder of `num_layers` layers."""
+        names = unit_names(num_layers, self.granularity)
+        known = set(names)
+        extra = [u for u, _ in self.unit_levels if u not in known]
+        if extra:
+            raise ConfigError(
+                f"search space {self.name!r} has unit_levels for {extra[0]!r}, "
+                f"but the model has {num_layers} decoder layers"
+            )
+        return names
+
+    def with_unit_levels(self, mapping: Mapping[str, Any]) -> SearchSpace:
+        """A copy whose per-unit levels are the current overrides updated with `mapping`."""
+        merged = dict(self._overrides)
+        merged.update({u: tuple(lv) for u, lv in mapping.items()})
+        return replace(self, unit_levels=tuple(merged.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready dict that `load_space` reads back to an equal space."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "granularity": self.granularity,
+            "levels": list(self.levels),
+        }
+        if self.unit_levels:
+            out["unit_levels"] = {u: list(lv) for u, lv in self.unit_levels}
+        out["budget"] = {
+            "kind": self.budget.kind,
+            "target": self.budget.target,
+            "tolerance": self.budget.tolerance,
+            "over_budget": self.budget.over_budget,
+            "penalty": self.budget.penalty,
+        }
+        out["method"] = self.method
+        out["pattern"] = self.pattern
+        out["calibration"] = {"percdamp": self.percdamp, "blocksize": self.blocksize}
+        return out
+
+
+# -- YAML ---------------------------------------------------------------------------------------
+
+
+def _grid(spec: Mapping[str, Any], where: str) -> list[float]:
+    """Levels from `{start, stop, step}`, stop included within float tolerance."""
+    for key in spec:
+        if key not in _GRID_KEYS:
+            raise ConfigError(f"{where} has unknown key {key!r}; a grid has {', '.join(_GRID_KEYS)}")
+    for key in _GRID_KEYS:
+        if key not in spec:
+            raise ConfigError(f"{where} lacks {key!r}; a grid is {{start, stop, step}}")
+        if not _is_number(spec[key]):
+            raise ConfigError(f"{where}.{key} is {spec[key]!r}, not a number")
+    start, stop, step = float(spec["start"]), float(spec["stop"]), float(spec["step"])
+    if step <= 0 or stop < start:
+        raise ConfigError(f"{where} needs step > 0 and stop >= start, got {dict(spec)}")
+    count = int(math.floor((stop - start) / step + _EPS)) + 1
+    return [round(start + i * step, _LEVEL_DIGITS) for i in range(count)]
+
+
+def _levels_from_yaml(raw: Any, where: str) -> list[float]:
+    if isinstance(raw, Mapping):
+        return _grid(raw, where)
+    if isinstance(raw, list):
+        for level in raw:
+            if not _is_number(level):
+                raise ConfigError(f"{where} has {level!r}; levels are numbers in [0, 1)")
+        return [float(lv) for lv in raw]
+    raise ConfigError(f"{where} must be a list of numbers or {{start, stop, step}}, got {type(raw).__name__}")
+
+
+def _section(raw: dict[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{key} must be a mapping with keys {', '.join(allowed)}, got {type(value).__name__}"
+        )
+    for sub in value:
+        if sub not in allowed:
+            raise ConfigError(f"{key} has unknown key {sub!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def space_from_dict(raw: Any, name: str = "space") -> SearchSpace:
+    """Build a `SearchSpace` from a parsed YAML mapping (errors name the key, not the file)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a search space is a mapping with keys {', '.join(_TOP_KEYS)}")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise ConfigError(f"unknown key {key!r}; allowed: {', '.join(_TOP_KEYS)}")
+    for key in ("granularity", "levels", "budget"):
+        if key not in raw:
+            raise ConfigError(f"missing key {key!r}")
+    for key in ("granularity", "method", "pattern", "name"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ConfigError(f"{key} must be a string, got {raw[key]!r}")
+    budget_raw = _section(raw, "budget", _BUDGET_KEYS)
+    if "target" not in budget_raw:
+        raise ConfigError("budget lacks 'target' (the least mean sparsity, in (0, 1))")
+    calib = _section(raw, "calibration", _CALIB_KEYS)
+    unit_raw = raw.get("unit_levels") or {}
+    if not isinstance(unit_raw, dict):
+        raise ConfigError(
+            f"unit_levels must be a mapping of unit -> list of levels, got {type(unit_raw).__name__}"
+        )
+    unit_levels = tuple(
+        (str(u), tuple(_levels_from_yaml(lv, f"unit_levels.{u}"))) for u, lv in unit_raw.items()
+    )
+    return SearchSpace(
+        granularity=raw["granularity"],
+        levels=tuple(_levels_from_yaml(raw["levels"], "levels")),
+        budget=Budget(**budget_raw),
+        unit_levels=unit_levels,
+        method=raw.get("method", "sparsegpt"),
+        pattern=raw.get("pattern", "unstructured"),
+        percdamp=calib.get("percdamp", 0.01),
+        blocksize=calib.get("blocksize", 128),
+        name=raw.get("name", name),
+    )
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML; every error names the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read search space {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"search space {path} is not valid YAML: {problem}{where}") from None
+    try:
+        return space_from_dict(raw, name=path.stem)
+    except ConfigError as exc:
+        raise ConfigError(f"search space {path}: {exc}") from None
+
+
+def dump_space(space: SearchSpace, path: str | Path) -> Path:
+    """Write `space` as YAML that `load_space` reads back to an equal space."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+    return path
+
+
+# -- budget -------------------------------------------------------------------------------------
+
+
+def budget_status(policy: PruningPolicy, budget: Budget, weights: Mapping[str, int]) -> tuple[float, bool]:
+    """`(parameter-weighted mean sparsity, whether it meets the budget)`."""
+    mean = policy.mean_sparsity(weights)
+    return mean, budget.within(mean)
+
+
+def _shift(ratio: float, levels: tuple[float, ...], steps: int) -> float:
+    """`ratio` moved `steps` levels up its level list, clipped at the top, never lowered."""
+    if steps == 0:
+        return ratio
+    below = sum(1 for lv in levels if lv <= ratio + _EPS) - 1  # index of the level at/below ratio
+    return max(ratio, levels[min(below + steps, len(levels) - 1)])
+
+
+def repair(policy: PruningPolicy, space: SearchSpace, weights: Mapping[str, int]) -> PruningPolicy:
+    """Raise an under-budget policy's levels until it meets `space.budget`; others are returned as is.
+
+    Why: TPE samples each unit's level independently, so most raw samples of a many-unit space
+    miss a mean-sparsity budget (the mean of independent draws concentrates on the middle of the
+    grid). Rejecting them would waste most trials; repairing maps each sample to a nearby
+    feasible policy and keeps the sampler's *relative* choices (which units to prune harder).
+
+    Rule: every unit moves up the same number `k` of steps on its own level list (clipped at its
+    highest level), with the smallest `k` that meets the budget. Deterministic, monotone (never
+    lowers a ratio), and it keeps the units' relative order. Raises PolicyError when even every
+    unit at its highest level misses the budget (the space cannot reach it).
+    """
+    mean, ok = budget_status(policy, space.budget, weights)
+    if ok:
+        return policy
+    level_lists = {u: space.levels_for(u) for u in policy.units}
+    max_steps = max(len(lv) for lv in level_lists.values())
+    for steps in range(1, max_steps + 1):
+        candidate = PruningPolicy(tuple((u, _shift(r, level_lists[u], steps)) for u, r in policy.ratios))
+        mean, ok = budget_status(candidate, space.budget, weights)
+        if ok:
+            return candidate
+    raise PolicyError(
+        f"search space {space.name!r} cannot meet its budget: with every unit at its highest level the "
+        f"mean sparsity is {mean:.4f} < {space.budget.floor:.4f} (target - tolerance); "
+        "add higher levels or lower budget.target"
+    )
