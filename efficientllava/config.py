@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,7 @@ def _build(cls: type, d: Any, src: str, prefix: str) -> Any:
             continue
         tp = hints[name]
         value = d[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, {} if value is None else value, src, key + ".")
             continue
         value = _check_type(value, tp, src, key)
@@ -252,7 +253,7 @@ def _check_type(value: Any, tp: Any, src: str, key: str) -> Any:
     return float(value) if base is float else value
 
 
-def _check_value(value: Any, rules: dict[str, Any], src: str, key: str) -> None:
+def _check_value(value: Any, rules: Mapping[str, Any], src: str, key: str) -> None:
     """Check choices and numeric bounds from field metadata."""
     if value is None or not rules:
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from conftest import random_llava
 
 from efficientllava.errors import ConfigError, DataError
 from efficientllava.pruning.calibrate import collect_stats
@@ -16,28 +16,7 @@ MLP = [f"{LAYER}.mlp.{p}_proj" for p in ("gate", "up", "down")]
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=8,
-        projection_dim=32,
-    )
-    tc = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    cfg = LlavaConfig(
-        vision_config=vc, text_config=tc, image_token_index=3, vision_feature_select_strategy="default"
-    )
-    return LlavaForConditionalGeneration(cfg).eval()
+    return random_llava()
 
 
 def make_batches(pad_id: int = 0, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from conftest import random_llava
 
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.policy import PruningPolicy
@@ -20,28 +20,8 @@ TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def model() -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=8,
-        projection_dim=32,
-    )
-    tc = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    return LlavaForConditionalGeneration(
-        LlavaConfig(vision_config=vc, text_config=tc, image_token_index=3)
-    ).eval()
+def model():
+    return random_llava()
 
 
 @pytest.fixture(scope="module", params=["layer", "sublayer"])

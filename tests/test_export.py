@@ -8,39 +8,19 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from efficientllava.data.synthetic import make_synthetic
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.export import export_policy, measured_sparsity, saved_sparsity
 from efficientllava.models.loading import load_model
-from efficientllava.models.tiny import TinyConfig, build_tiny
 from efficientllava.policy import PruningPolicy
-from efficientllava.prompting import encode_batches
-from efficientllava.pruning.bank import BankSpec, build_bank
-from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import evaluate_accuracy, option_logits
 
-TINY = TinyConfig(text_layers=2, text_hidden=64, text_intermediate=128, vision_layers=1)
-SPEC = BankSpec("layer", (("layer.0", (0.0, 0.5)), ("layer.1", (0.0, 0.5))), "magnitude", "unstructured")
 POLICY = PruningPolicy.from_mapping({"layer.0": 0.5, "layer.1": 0.0})
 SOURCE_META = {"prompt_format": "compact", "key": "abc"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run fastest on one thread; several contend badly on a busy small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
-def setup(tmp_path):
-    model, processor = build_tiny(TINY)
-    model.eval()
-    batches = encode_batches(processor, make_synthetic(16, 0, "train"), 8, "compact")
-    bank = build_bank(model, batches, SPEC, tmp_path / "bank")
-    return model, processor, batches, Materializer(model, bank)
+def setup(small_setup):
+    return small_setup
 
 
 def test_export_reloads_with_plain_from_pretrained(setup, tmp_path) -> None:

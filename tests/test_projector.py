@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MAGNITUDE_SPEC, SMALL
 from safetensors.torch import save_file
 
 from efficientllava.data.synthetic import make_synthetic
 from efficientllava.errors import ConfigError
-from efficientllava.models.tiny import TinyConfig, build_tiny
+from efficientllava.models.tiny import build_tiny
 from efficientllava.policy import PruningPolicy
 from efficientllava.projector import (
     ProjectorResult,
@@ -18,34 +19,19 @@ from efficientllava.projector import (
     save_projector,
 )
 from efficientllava.prompting import encode_batches
-from efficientllava.pruning.bank import BankSpec, build_bank
+from efficientllava.pruning.bank import build_bank
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import answer_logits
 
-TINY = TinyConfig(text_layers=2, text_hidden=64, text_intermediate=128, vision_layers=1)
-SPEC = BankSpec("layer", (("layer.0", (0.0, 0.5)), ("layer.1", (0.0, 0.5))), "magnitude", "unstructured")
 POLICIES = [
     PruningPolicy.from_mapping({"layer.0": 0.5, "layer.1": 0.0}),
     PruningPolicy.from_mapping({"layer.0": 0.5, "layer.1": 0.5}),
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run fastest on one thread; several contend badly on a busy small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
-def setup(tmp_path):
-    model, processor = build_tiny(TINY)
-    model.eval()
-    batches = encode_batches(processor, make_synthetic(16, 0, "train"), 8, "compact")
-    bank = build_bank(model, batches, SPEC, tmp_path / "bank")
-    return model, processor, batches, Materializer(model, bank)
+def setup(small_setup):
+    return small_setup
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -138,7 +124,7 @@ def test_save_load_round_trip(setup, tmp_path) -> None:
     path = save_projector(model, tmp_path / "proj" / "v1.safetensors")
     assert path.is_file() and not path.with_name(path.name + ".partial").exists()
 
-    fresh, _ = build_tiny(TINY)
+    fresh, _ = build_tiny(SMALL)
     assert not all(torch.equal(v, projector_state(fresh)[k]) for k, v in trained.items())
     load_projector(fresh, path)
     assert all(torch.equal(v, projector_state(fresh)[k]) for k, v in trained.items())
@@ -163,10 +149,10 @@ def test_load_rejects_mismatched_files(setup, tmp_path) -> None:
 
 
 def test_low_precision_model_trains_through_fp32_masters(tmp_path) -> None:
-    model, processor = build_tiny(TINY)
+    model, processor = build_tiny(SMALL)
     model.to(torch.bfloat16).eval()
     batches = encode_batches(processor, make_synthetic(16, 0, "train"), 8, "compact", dtype=torch.bfloat16)
-    mat = Materializer(model, build_bank(model, batches, SPEC, tmp_path / "bank"))
+    mat = Materializer(model, build_bank(model, batches, MAGNITUDE_SPEC, tmp_path / "bank"))
     before = snapshot(model)
     result = optimize_projector(model, batches, mat, POLICIES, steps=5, lr=1e-2)
     assert result.loss_after < result.loss_before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ class AccuracyResult:
         return self.n / self.seconds if self.seconds > 0 else float("inf")
 
 
-def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Vocabulary logits at each sample's answer position, [batch, vocab] (lm_head on those rows only)."""
     hidden = model.model(**model_inputs(batch)).last_hidden_state
     rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["answer_pos"]]

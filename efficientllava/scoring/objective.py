@@ -74,15 +74,17 @@ class PolicyScorer:
         within = budget is None or budget_status(policy, budget, self.weights)[1]
         cap, gap = self.gap(policy)
         penalty = budget.shortfall_penalty(mean) if budget is not None and budget.over_budget == "penalize" else 0.0
-        common = dict(gap=gap, capacity=cap, lam=self.srm.lam, mean_sparsity=mean,
-                      kept_fraction=cost.kept_fraction, within_budget=within, budget_penalty=penalty,
-                      flops_per_sample=cost.flops_per_sample, flops_speedup=cost.flops_speedup,
-                      n_samples=self.n_samples)
-        if budget is not None and not within and budget.over_budget == "reject":
-            return TrialScore(objective=REJECTED - (budget.floor - mean), accuracy=math.nan, eval_s=0.0, **common)
-        with self.materializer.applied(policy):
-            result = evaluate_accuracy(self.model, self.batches)
-            lat = measure_latency(self.model, self.batches[:1]) if latency else None
-        objective = result.accuracy - self.srm.lam * gap - penalty
-        return TrialScore(objective=objective, accuracy=result.accuracy, eval_s=result.seconds, latency_s=lat,
-                          **common)
+        rejected = budget is not None and not within and budget.over_budget == "reject"
+        if rejected:  # not evaluated: scored below any evaluated policy, graded by how far it misses
+            accuracy, eval_s, lat = math.nan, 0.0, None
+            objective = REJECTED - (budget.floor - mean)  # type: ignore[union-attr]
+        else:
+            with self.materializer.applied(policy):
+                result = evaluate_accuracy(self.model, self.batches)
+                lat = measure_latency(self.model, self.batches[:1]) if latency else None
+            accuracy, eval_s = result.accuracy, result.seconds
+            objective = accuracy - self.srm.lam * gap - penalty
+        return TrialScore(objective=objective, accuracy=accuracy, gap=gap, capacity=cap, lam=self.srm.lam,
+                          mean_sparsity=mean, kept_fraction=cost.kept_fraction, within_budget=within,
+                          budget_penalty=penalty, flops_per_sample=cost.flops_per_sample,
+                          flops_speedup=cost.flops_speedup, n_samples=self.n_samples, eval_s=eval_s, latency_s=lat)
