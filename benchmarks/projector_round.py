@@ -44,8 +44,12 @@ LABELS = {
 }
 
 
-def accuracy(model: torch.nn.Module, materializer: Materializer | None, policy: PruningPolicy | None,
-             batches: list[dict[str, torch.Tensor]]) -> float:
+def accuracy(
+    model: torch.nn.Module,
+    materializer: Materializer | None,
+    policy: PruningPolicy | None,
+    batches: list[dict[str, torch.Tensor]],
+) -> float:
     """Accuracy of `policy` materialised by `materializer` (dense when None) on `batches`."""
     if materializer is None or policy is None:
         return evaluate_accuracy(model, batches).accuracy
@@ -77,9 +81,11 @@ def main() -> None:
     lr = cfg.projector.lr if args.lr is None else args.lr
     top_k = cfg.projector.top_k
     start = time.perf_counter()
-    print(f"experiment {Path(args.experiment).name}: projector steps={steps}, lr={lr:g}, top_k={top_k}, "
-          f"weight_decay={cfg.projector.weight_decay:g}; {args.shots} shots, {args.heldout_size} held-out, "
-          f"{args.candidates} draws/seed")
+    print(
+        f"experiment {Path(args.experiment).name}: projector steps={steps}, lr={lr:g}, top_k={top_k}, "
+        f"weight_decay={cfg.projector.weight_decay:g}; {args.shots} shots, {args.heldout_size} held-out, "
+        f"{args.candidates} draws/seed"
+    )
     best_ho: dict[str, list[float]] = {v: [] for v in VARIANTS}
     best_fs: dict[str, list[float]] = {v: [] for v in VARIANTS}
     top_ho: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -88,8 +94,13 @@ def main() -> None:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            data = DataConfig(dataset=cfg.data.dataset, source=cfg.data.source, n_shots=args.shots, seed=seed,
-                              heldout_size=args.heldout_size)
+            data = DataConfig(
+                dataset=cfg.data.dataset,
+                source=cfg.data.source,
+                n_shots=args.shots,
+                seed=seed,
+                heldout_size=args.heldout_size,
+            )
             pipe = open_pipeline(cfg.model, data, cfg.eval.batch_size)
             model, fewshot, heldout = pipe.model, pipe.fewshot_batches, pipe.heldout_batches
             space = resolved_space(load_space(cfg.space), pipe.num_layers)
@@ -102,8 +113,10 @@ def main() -> None:
                 raw = PruningPolicy(tuple((u, rng.choice(space.levels_for(u))) for u in units))
                 policy = repair(raw, space, scorer0.weights)
                 seen.setdefault(policy.key, policy)
-            scored = sorted(((scorer0.score(p).objective, i, p) for i, p in enumerate(seen.values())),
-                            key=lambda t: (-t[0], t[1]))  # ties: first drawn
+            scored = sorted(
+                ((scorer0.score(p).objective, i, p) for i, p in enumerate(seen.values())),
+                key=lambda t: (-t[0], t[1]),
+            )  # ties: first drawn
             top = [p for _, _, p in scored[:top_k]]
             best = top[0]
             mat0 = scorer0.materializer
@@ -111,14 +124,17 @@ def main() -> None:
             fs = {"before": accuracy(model, mat0, best, fewshot)}
             dense_ho["before"].append(accuracy(model, None, None, heldout))
 
-            result = optimize_projector(model, fewshot, mat0, top, steps=steps, lr=lr,
-                                        weight_decay=cfg.projector.weight_decay)
+            result = optimize_projector(
+                model, fewshot, mat0, top, steps=steps, lr=lr, weight_decay=cfg.projector.weight_decay
+            )
             losses.append((result.loss_before, result.loss_after))
             ho["same_weights"] = [accuracy(model, mat0, p, heldout) for p in top]
             fs["same_weights"] = accuracy(model, mat0, best, fewshot)
             dense_ho["after"].append(accuracy(model, None, None, heldout))
 
-            bank1 = pipe.bank(space, Path(tmp), projector_version=1, log=False)  # calibrated with the new projector
+            bank1 = pipe.bank(
+                space, Path(tmp), projector_version=1, log=False
+            )  # calibrated with the new projector
             mat1 = Materializer(model, bank1)
             ho["repruned"] = [accuracy(model, mat1, p, heldout) for p in top]
             fs["repruned"] = accuracy(model, mat1, best, fewshot)
@@ -130,26 +146,37 @@ def main() -> None:
                 f"{seed:<4} {len(seen):>3}  {best.mean_sparsity(scorer0.weights):.4f} | "
                 + " | ".join(f"{ho[v][0]:.4f} {fs[v]:.4f} {statistics.fmean(ho[v]):.4f}" for v in VARIANTS)
                 + f" | {result.loss_before:.4f} -> {result.loss_after:.4f} | "
-                f"{dense_ho['before'][-1]:.4f} -> {dense_ho['after'][-1]:.4f}")
-            print(f"seed {seed}: done ({result.seconds:.1f}s projector, {time.perf_counter() - start:.0f}s total)",
-                  flush=True)
+                f"{dense_ho['before'][-1]:.4f} -> {dense_ho['after'][-1]:.4f}"
+            )
+            print(
+                f"seed {seed}: done ({result.seconds:.1f}s projector, {time.perf_counter() - start:.0f}s total)",
+                flush=True,
+            )
 
     print()
     print("per seed: best policy's held-out acc, few-shot acc, top-3 mean held-out acc, for each variant")
-    print("seed   n  spars  | before: ho     fs     top3   | same weights: ho fs top3 | re-pruned: ho fs top3 "
-          "| projector few-shot loss | dense held-out")
+    print(
+        "seed   n  spars  | before: ho     fs     top3   | same weights: ho fs top3 | re-pruned: ho fs top3 "
+        "| projector few-shot loss | dense held-out"
+    )
     for line in lines:
         print(line)
     print()
     for v in VARIANTS:
-        print(f"{LABELS[v]:<46} best held-out {mean_std(best_ho[v])} | best few-shot {mean_std(best_fs[v])} | "
-              f"top-{top_k} held-out {mean_std(top_ho[v])}")
+        print(
+            f"{LABELS[v]:<46} best held-out {mean_std(best_ho[v])} | best few-shot {mean_std(best_fs[v])} | "
+            f"top-{top_k} held-out {mean_std(top_ho[v])}"
+        )
     for v in VARIANTS[1:]:
         d = [a - b for a, b in zip(best_ho[v], best_ho["before"], strict=True)]
-        print(f"delta best held-out, {LABELS[v]} - before: {mean_std(d)} "
-              f"(raised on {sum(x > 1e-9 for x in d)}/{len(d)} seeds, lowered on {sum(x < -1e-9 for x in d)})")
-    print(f"projector few-shot loss (mean over top-{top_k}): {mean_std([a for a, _ in losses])} -> "
-          f"{mean_std([b for _, b in losses])}")
+        print(
+            f"delta best held-out, {LABELS[v]} - before: {mean_std(d)} "
+            f"(raised on {sum(x > 1e-9 for x in d)}/{len(d)} seeds, lowered on {sum(x < -1e-9 for x in d)})"
+        )
+    print(
+        f"projector few-shot loss (mean over top-{top_k}): {mean_std([a for a, _ in losses])} -> "
+        f"{mean_std([b for _, b in losses])}"
+    )
     print(f"dense model held-out: {mean_std(dense_ho['before'])} -> {mean_std(dense_ho['after'])}")
     print(f"total {time.perf_counter() - start:.0f}s")
 

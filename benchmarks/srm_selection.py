@@ -55,7 +55,9 @@ class Pick:
         return self.fewshot - self.heldout
 
 
-def draw(space: SearchSpace, units: list[str], weights: dict[str, int], k: int, seed: int) -> list[PruningPolicy]:
+def draw(
+    space: SearchSpace, units: list[str], weights: dict[str, int], k: int, seed: int
+) -> list[PruningPolicy]:
     """K random level choices per unit, repaired onto the budget, de-duplicated (first kept)."""
     rng = random.Random(seed)
     seen: dict[str, PruningPolicy] = {}
@@ -78,7 +80,9 @@ class Heldout:
         """Held-out accuracy of `policy` (materialised from the bank, then restored)."""
         if policy.key not in self.cache:
             with self.materializer.applied(policy):
-                self.cache[policy.key] = evaluate_accuracy(self.pipe.model, self.pipe.heldout_batches).accuracy
+                self.cache[policy.key] = evaluate_accuracy(
+                    self.pipe.model, self.pipe.heldout_batches
+                ).accuracy
         return self.cache[policy.key]
 
 
@@ -131,9 +135,13 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=150, help="random draws per seed (before dedupe)")
     ap.add_argument("--shots", type=int, default=64)
     ap.add_argument("--heldout-size", type=int, default=1024)
-    ap.add_argument("--lam", type=float, default=None, help="SRM weight of selection B (default: the experiment's)")
+    ap.add_argument(
+        "--lam", type=float, default=None, help="SRM weight of selection B (default: the experiment's)"
+    )
     ap.add_argument("--sweep", default="0,0.5,1,2", help="lam values of the sweep line ('' to skip)")
-    ap.add_argument("--diagnostic", type=int, default=16, help="random candidates per seed evaluated on held-out")
+    ap.add_argument(
+        "--diagnostic", type=int, default=16, help="random candidates per seed evaluated on held-out"
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,13 +159,20 @@ def main() -> None:
     gaps: list[float] = []
     cap_vs_sparsity: list[float] = []  # Spearman(capacity, mean sparsity) per seed
     level_ratio: dict[float, list[float]] = {}  # level -> log(||W*M|| / ||W||) of every linear, every seed
-    print(f"experiment {Path(args.experiment).name}: srm lam={lam:g} (B), delta={srm.delta:g}, scale={srm.scale:g}, "
-          f"aggregate={srm.aggregate}; {args.shots} shots, {args.heldout_size} held-out, "
-          f"{args.candidates} draws/seed")
+    print(
+        f"experiment {Path(args.experiment).name}: srm lam={lam:g} (B), delta={srm.delta:g}, scale={srm.scale:g}, "
+        f"aggregate={srm.aggregate}; {args.shots} shots, {args.heldout_size} held-out, "
+        f"{args.candidates} draws/seed"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            data = DataConfig(dataset=cfg.data.dataset, source=cfg.data.source, n_shots=args.shots, seed=seed,
-                              heldout_size=args.heldout_size)
+            data = DataConfig(
+                dataset=cfg.data.dataset,
+                source=cfg.data.source,
+                n_shots=args.shots,
+                seed=seed,
+                heldout_size=args.heldout_size,
+            )
             pipe = open_pipeline(cfg.model, data, cfg.eval.batch_size)
             space = resolved_space(load_space(cfg.space), pipe.num_layers)
             bank = pipe.bank(space, Path(tmp), 0, log=False)
@@ -177,54 +192,86 @@ def main() -> None:
             for x in sweep:
                 swept[x].append(select(policies, scores, x, heldout))
             if args.diagnostic:
-                idx = random.Random(1000 + seed).sample(range(len(policies)), min(args.diagnostic, len(policies)))
+                idx = random.Random(1000 + seed).sample(
+                    range(len(policies)), min(args.diagnostic, len(policies))
+                )
                 ho = [heldout(policies[i]) for i in idx]
-                diag_gap.append(spearman([scores[i].gap for i in idx],
-                                         [scores[i].accuracy - h for i, h in zip(idx, ho, strict=True)]))
+                diag_gap.append(
+                    spearman(
+                        [scores[i].gap for i in idx],
+                        [scores[i].accuracy - h for i, h in zip(idx, ho, strict=True)],
+                    )
+                )
                 diag_acc.append(spearman([scores[i].accuracy - lam * scores[i].gap for i in idx], ho))
                 diag_fs.append(spearman([scores[i].accuracy for i in idx], ho))
-            print(f"seed {seed}: {len(policies)} distinct policies, {len(heldout.cache)} evaluated on held-out "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"seed {seed}: {len(policies)} distinct policies, {len(heldout.cache)} evaluated on held-out "
+                f"({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
 
     print()
-    print("per seed (expected over tied policies)       | A: few-shot accuracy alone     | B: accuracy - lam*gap")
+    print(
+        "per seed (expected over tied policies)       | A: few-shot accuracy alone     | B: accuracy - lam*gap"
+    )
     print("seed  n   | heldout fewshot  gap    spars  ties | heldout fewshot  gap    spars  ties | B vs A")
     wins = ties = losses = 0
     for seed, n, a, b in rows:
         d = b.heldout - a.heldout
         verdict = "tie" if abs(d) < 1e-9 else ("win" if d > 0 else "loss")
-        wins, ties, losses = wins + (verdict == "win"), ties + (verdict == "tie"), losses + (verdict == "loss")
-        print(f"{seed:<4}  {n:<3} | {a.heldout:.4f}  {a.fewshot:.4f}  {a.gap:+.4f} {a.sparsity:.4f} {a.ties:>4} | "
-              f"{b.heldout:.4f}  {b.fewshot:.4f}  {b.gap:+.4f} {b.sparsity:.4f} {b.ties:>4} | "
-              f"{verdict} ({d:+.4f})")
+        wins, ties, losses = (
+            wins + (verdict == "win"),
+            ties + (verdict == "tie"),
+            losses + (verdict == "loss"),
+        )
+        print(
+            f"{seed:<4}  {n:<3} | {a.heldout:.4f}  {a.fewshot:.4f}  {a.gap:+.4f} {a.sparsity:.4f} {a.ties:>4} | "
+            f"{b.heldout:.4f}  {b.fewshot:.4f}  {b.gap:+.4f} {b.sparsity:.4f} {b.ties:>4} | "
+            f"{verdict} ({d:+.4f})"
+        )
     print()
     for name, picks in (("A (lam=0)", [r[2] for r in rows]), (f"B (lam={lam:g})", [r[3] for r in rows])):
-        print(f"{name:<12} held-out {mean_std([p.heldout for p in picks])} | few-shot "
-              f"{mean_std([p.fewshot for p in picks])} | gap {mean_std([p.gap for p in picks])} | "
-              f"sparsity {mean_std([p.sparsity for p in picks])} | ties/seed {statistics.fmean(p.ties for p in picks):.1f}")
+        print(
+            f"{name:<12} held-out {mean_std([p.heldout for p in picks])} | few-shot "
+            f"{mean_std([p.fewshot for p in picks])} | gap {mean_std([p.gap for p in picks])} | "
+            f"sparsity {mean_std([p.sparsity for p in picks])} | ties/seed {statistics.fmean(p.ties for p in picks):.1f}"
+        )
     diffs = [r[3].heldout - r[2].heldout for r in rows]
     gdiff = [r[3].gap - r[2].gap for r in rows]
-    print(f"B - A: held-out {mean_std(diffs)}, gap {mean_std(gdiff)}; B vs A on held-out: "
-          f"{wins} win / {ties} tie / {losses} loss over {len(rows)} seeds; "
-          f"smaller gap on {sum(g < -1e-9 for g in gdiff)}/{len(rows)} seeds")
+    print(
+        f"B - A: held-out {mean_std(diffs)}, gap {mean_std(gdiff)}; B vs A on held-out: "
+        f"{wins} win / {ties} tie / {losses} loss over {len(rows)} seeds; "
+        f"smaller gap on {sum(g < -1e-9 for g in gdiff)}/{len(rows)} seeds"
+    )
     if sweep:
-        print("lam sweep (mean over seeds): " + "; ".join(
-            f"lam={x:g}: held-out {statistics.fmean(p.heldout for p in ps):.4f}, "
-            f"gap {statistics.fmean(p.gap for p in ps):+.4f}, sparsity {statistics.fmean(p.sparsity for p in ps):.4f}"
-            for x, ps in swept.items()))
-    print(f"SRM capacity rho over all candidates: min {min(caps):.3f}, median {statistics.median(caps):.3f}, "
-          f"max {max(caps):.3f} (rho > 1: pruned norms above dense); SRM gap {min(gaps):.3f}..{max(gaps):.3f}; "
-          f"Spearman(rho, mean sparsity) {statistics.fmean(cap_vs_sparsity):+.3f}")
-    print("bank norm ratio ||W*M||/||W|| per level (geometric mean over linears and seeds): " + ", ".join(
-        f"{lv:g}: {math.exp(statistics.fmean(v)):.2f}" for lv, v in sorted(level_ratio.items())))
+        print(
+            "lam sweep (mean over seeds): "
+            + "; ".join(
+                f"lam={x:g}: held-out {statistics.fmean(p.heldout for p in ps):.4f}, "
+                f"gap {statistics.fmean(p.gap for p in ps):+.4f}, sparsity {statistics.fmean(p.sparsity for p in ps):.4f}"
+                for x, ps in swept.items()
+            )
+        )
+    print(
+        f"SRM capacity rho over all candidates: min {min(caps):.3f}, median {statistics.median(caps):.3f}, "
+        f"max {max(caps):.3f} (rho > 1: pruned norms above dense); SRM gap {min(gaps):.3f}..{max(gaps):.3f}; "
+        f"Spearman(rho, mean sparsity) {statistics.fmean(cap_vs_sparsity):+.3f}"
+    )
+    print(
+        "bank norm ratio ||W*M||/||W|| per level (geometric mean over linears and seeds): "
+        + ", ".join(f"{lv:g}: {math.exp(statistics.fmean(v)):.2f}" for lv, v in sorted(level_ratio.items()))
+    )
     if diag_gap:
+
         def fmt(v: list[float]) -> str:
             ok = [x for x in v if not math.isnan(x)]
             return f"{statistics.fmean(ok):+.3f} ({len(ok)} seeds)" if ok else "n/a"
 
-        print(f"diagnostic on {args.diagnostic} random candidates/seed, Spearman mean over seeds: "
-              f"SRM gap vs measured gap {fmt(diag_gap)}; objective vs held-out {fmt(diag_acc)}; "
-              f"few-shot accuracy vs held-out {fmt(diag_fs)}")
+        print(
+            f"diagnostic on {args.diagnostic} random candidates/seed, Spearman mean over seeds: "
+            f"SRM gap vs measured gap {fmt(diag_gap)}; objective vs held-out {fmt(diag_acc)}; "
+            f"few-shot accuracy vs held-out {fmt(diag_fs)}"
+        )
     print(f"total {time.perf_counter() - start:.0f}s")
 
 

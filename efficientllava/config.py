@@ -57,6 +57,7 @@ class SearchConfig:
     seed: int = 0
     sampler: str = field(default="tpe", metadata=_rule(choices=SAMPLERS))
     n_startup_trials: int = field(default=8, metadata=_rule(ge=0))
+    uniform_first: bool = True  # round 0 starts with the uniform policy at the budget (the baseline)
 
 
 @dataclass(frozen=True)

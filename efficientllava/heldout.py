@@ -14,18 +14,9 @@ from efficientllava.policy import PruningPolicy
 from efficientllava.projector import load_projector
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import evaluate_accuracy
-from efficientllava.space import SearchSpace, load_space
+from efficientllava.space import SearchSpace, load_space, uniform_level
 
 HELDOUT_FILE = "heldout.json"
-
-
-def uniform_level(space: SearchSpace, unit: str) -> float:
-    """The smallest level of `unit` that meets the budget floor when every unit takes it."""
-    levels = [lv for lv in space.levels_for(unit) if lv >= space.budget.floor - 1e-9]
-    if not levels:
-        raise ConfigError(f"search space {space.name!r}: no level of {unit} reaches the budget floor "
-                          f"{space.budget.floor:g}, so there is no uniform baseline")
-    return min(levels)
 
 
 def _entry(pipeline: Pipeline, policy: PruningPolicy | None, space: SearchSpace, **extra: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import ray
 
 from efficientllava.config import ExperimentConfig
 from efficientllava.evolution import describe_evolution, evolve_space
+from efficientllava.experiment import ExperimentDir
 from efficientllava.models.loading import resolve_spec
 from efficientllava.pipeline import Pipeline, open_pipeline
 from efficientllava.policy import PruningPolicy
@@ -27,8 +28,8 @@ from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.objective import PolicyScorer
 from efficientllava.scoring.srm import SRMConfig
 from efficientllava.search.problem import RoundState
-from efficientllava.search.study import STATUS_OK
-from efficientllava.space import SearchSpace, dump_space, load_space, repair
+from efficientllava.search.study import STATUS_OK, open_study
+from efficientllava.space import SearchSpace, dump_space, load_space, repair, uniform_level
 
 
 def srm_config(cfg: ExperimentConfig) -> SRMConfig:
@@ -64,8 +65,7 @@ class RoundSession:
         self.space = load_space(state.space_path)
         self.units = self.space.unit_names(self.pipeline.num_layers)
         self.bank = self.pipeline.bank(self.space, root / "banks", state.projector_version)
-        if self.pipeline.loaded.device.type == "cuda" or self.pipeline.num_layers <= 16:
-            self.bank.preload(self.pipeline.loaded.device)  # small banks: trials copy device-to-device
+        self.bank.preload(self.pipeline.loaded.device)  # when it fits: trials then copy device-to-device
         self.scorer: PolicyScorer = self.pipeline.scorer(self.space, self.bank, srm_config(cfg))
 
     def policy(self, params: dict[str, Any]) -> tuple[PruningPolicy, PruningPolicy]:
@@ -173,6 +173,11 @@ class PruningProblem:
         space = resolved_space(load_space(self.config.space), num_layers_of(self.config.model.spec))
         path = dump_space(space, self.root / "spaces" / "round-0.yaml")
         state = RoundState(0, 0, None, str(path))
+        if self.config.search.uniform_first:
+            # The baseline is the first trial: it sits in the trial table, and TPE starts from it.
+            units = [u for u, _ in space.unit_levels]
+            uniform = {u: space.levels_for(u).index(uniform_level(space, u)) for u in units}
+            open_study(ExperimentDir(self.root), 0).enqueue_trial(uniform, user_attrs={"baseline": "uniform"})
         info = run_heavy(self.config, prepare_round, self.config, str(self.root), state)
         print(f"[round 0] variant bank ready: {info['bank']} ({info['bank_bytes'] / 2**20:.1f} MiB, "
               f"{info['seconds']:.1f}s)", flush=True)

@@ -378,3 +378,12 @@ def repair(policy: PruningPolicy, space: SearchSpace, weights: Mapping[str, int]
         f"mean sparsity is {mean:.4f} < {space.budget.floor:.4f} (target - tolerance); "
         "add higher levels or lower budget.target"
     )
+
+
+def uniform_level(space: SearchSpace, unit: str) -> float:
+    """The smallest level of `unit` that meets the budget floor when every unit takes it."""
+    levels = [lv for lv in space.levels_for(unit) if lv >= space.budget.floor - 1e-9]
+    if not levels:
+        raise ConfigError(f"search space {space.name!r}: no level of {unit} reaches the budget floor "
+                          f"{space.budget.floor:g}, so there is no uniform baseline")
+    return min(levels)

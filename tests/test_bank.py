@@ -81,8 +81,16 @@ def test_bank_reopens_with_norms(model, small_batches, tmp_path):
     assert bank_bytes(tmp_path / "bank") > 0
     name = next(iter(bank.unit_linears["layer.0"]))
     assert bank.norm(name, 0.5) < bank.norm(name, 0.3) < bank.norm(name, 0.0)
-    w = bank.tensors("layer.0", 0.5)[name]
-    assert float(w.norm()) == pytest.approx(bank.norm(name, 0.5), rel=1e-5)
+    mask = bank.tensors("layer.0", 0.5)[name] != 0
+    dense = model.get_submodule(name).weight.detach()
+    assert float((dense * mask).norm()) == pytest.approx(bank.norm(name, 0.5), rel=1e-5)
+
+
+def test_sparsegpt_norms_are_of_the_masked_dense_weights(model, small_batches, tmp_path):
+    """SparseGPT's update inflates kept weights; the SRM capacity must still fall with sparsity."""
+    bank = build_bank(model, small_batches, _spec("sparsegpt"), tmp_path / "bank")
+    for name in bank.unit_linears["layer.1"]:
+        assert bank.norm(name, 0.5) < bank.norm(name, 0.3) < bank.norm(name, 0.0)
 
 
 def test_bad_policies_raise(model, small_batches, tmp_path):
@@ -96,3 +104,12 @@ def test_bad_policies_raise(model, small_batches, tmp_path):
         PruningPolicy.from_mapping({"layer.0": 1.0})
     with pytest.raises(Exception, match="not a complete variant bank"):
         VariantBank.open(tmp_path / "nothing-here")
+
+
+def test_preload_only_when_the_bank_fits(model, small_batches, tmp_path):
+    bank = build_bank(model, small_batches, _spec("magnitude"), tmp_path / "bank")
+    assert not bank.preload("cpu", max_bytes=1)  # too big: read per swap, nothing kept
+    bank.tensors("layer.0", 0.5)
+    assert not bank._cache
+    assert bank.preload("cpu")
+    assert len(bank._cache) == 4  # 2 units x 2 non-zero levels

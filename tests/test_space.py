@@ -35,8 +35,8 @@ def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
 
 def test_shipped_spaces_load() -> None:
     tiny = load_space(SPACES / "tiny.yaml")
-    assert tiny.granularity == "layer" and tiny.method == "sparsegpt" and tiny.pattern == "unstructured"
-    assert tiny.levels == (0.8, 0.82, 0.84, 0.86, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98)
+    assert tiny.granularity == "sublayer" and tiny.method == "sparsegpt" and tiny.pattern == "unstructured"
+    assert tiny.levels == tuple(round(0.7 + 0.02 * i, 2) for i in range(15))
     assert tiny.budget.target == 0.92
     for name, layers in (("llava-1.5-7b", 32), ("llava-1.5-13b", 40)):
         space = load_space(SPACES / f"{name}.yaml")

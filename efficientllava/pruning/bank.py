@@ -31,6 +31,7 @@ from efficientllava.pruning.units import prunable_units
 
 MANIFEST = "manifest.json"
 HESSIAN_BYTES_PER_PASS = 2 << 30  # calibrate as many layers per forward pass as fit in this budget
+PRELOAD_BYTES = 2 << 30  # banks up to this size are held in device memory; larger ones are read per swap
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,10 @@ def build_bank(model: nn.Module, batches: list[dict[str, torch.Tensor]], spec: B
                     w = prune_weight(spec.method, weight, stats.get(name), level, pattern,
                                      blocksize=spec.blocksize, percdamp=spec.percdamp)
                     pruned[name] = w.to("cpu").contiguous()
-                    norms.setdefault(name, {})[f"{level:.4f}"] = float(w.float().norm())
+                    # ||W * M||_F: the dense weights under the mask, as the SRM bound is written. (The
+                    # OBS-updated weights' norm grows with sparsity and would invert the penalty.)
+                    masked = float((weight.float() * (w != 0)).norm())
+                    norms.setdefault(name, {})[f"{level:.4f}"] = masked
                 (tmp / unit.name).mkdir(exist_ok=True)
                 save_file(pruned, str(_level_file(tmp, unit.name, level)))
             for name in unit.linears:
@@ -142,6 +146,7 @@ class VariantBank:
             u: tuple(v) for u, v in manifest["spec"]["unit_levels"].items()}
         self.unit_linears: dict[str, tuple[str, ...]] = {u: tuple(v) for u, v in manifest["units"].items()}
         self._cache: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
+        self._keep = False  # cache loaded variants only once preload() chose to hold the bank in memory
 
     @classmethod
     def open(cls, root: str | Path) -> VariantBank:
@@ -172,18 +177,27 @@ class VariantBank:
         if cached is None or next(iter(cached.values())).device != torch.device(device):
             with safe_open(str(_level_file(self.root, unit, level)), framework="pt", device=str(device)) as fh:
                 cached = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-            self._cache[key] = cached
+            if self._keep:
+                self._cache[key] = cached
         return cached
 
-    def preload(self, device: torch.device | str) -> None:
-        """Load every variant into memory on `device` (small models: trials then copy device-to-device)."""
+    def preload(self, device: torch.device | str, max_bytes: int = PRELOAD_BYTES) -> bool:
+        """Hold every variant in memory on `device` if the bank fits in `max_bytes`; returns whether it did.
+
+        Small banks then swap device-to-device; a large one (a 7B model's is ~13 GB per level) is read
+        from its memory-mapped files at each swap instead of filling the GPU.
+        """
+        if bank_bytes(self.root) > max_bytes:
+            return False
+        self._keep = True
         for unit, levels in self.unit_levels.items():
             for level in levels:
                 if level > 0:
                     self.tensors(unit, level, device)
+        return True
 
     def norm(self, linear: str, level: float) -> float:
-        """Frobenius norm of one linear's weight at `level` (the dense norm at 0)."""
+        """Frobenius norm of one linear's dense weight under its mask at `level` (the dense norm at 0)."""
         if level == 0.0:
             return self.manifest["dense_norms"][linear]
         return self.manifest["norms"][linear][f"{level:.4f}"]

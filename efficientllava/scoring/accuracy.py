@@ -20,6 +20,7 @@ class AccuracyResult:
     n: int
     correct: tuple[bool, ...]
     seconds: float
+    soft_accuracy: float = float("nan")  # mean probability of the right option (softmax over the options)
 
     @property
     def samples_per_s(self) -> float:
@@ -47,10 +48,13 @@ def evaluate_accuracy(model: nn.Module, batches: list[dict[str, torch.Tensor]]) 
     """Accuracy of `model` over pre-encoded `batches` (see prompting.encode_batches)."""
     start = time.perf_counter()
     correct: list[bool] = []
+    prob = 0.0
     for batch in batches:
-        pred = option_logits(model, batch).argmax(1)
-        correct.extend((pred == batch["answers"]).tolist())
+        logits = option_logits(model, batch)
+        correct.extend((logits.argmax(1) == batch["answers"]).tolist())
+        prob += float(logits.softmax(1).gather(1, batch["answers"][:, None]).sum())
     if batches and batches[0]["input_ids"].is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return AccuracyResult(sum(correct) / max(len(correct), 1), len(correct), tuple(correct), seconds)
+    n = max(len(correct), 1)
+    return AccuracyResult(sum(correct) / n, len(correct), tuple(correct), seconds, prob / n)
