@@ -43,8 +43,9 @@ def _finish(root: Path, no_heldout: bool) -> None:
     from efficientllava.experiment import open_experiment
     from efficientllava.report import write_report
 
-    heldout = None
-    if not no_heldout:
+    if no_heldout:
+        heldout = _saved_heldout(root)
+    else:
         from efficientllava.heldout import heldout_comparison
         from efficientllava.problem import run_heavy
 
@@ -55,6 +56,17 @@ def _finish(root: Path, no_heldout: bool) -> None:
                   f"FLOPs speed-up {row['flops_speedup']:.2f}x", flush=True)
     report = write_report(root, heldout)
     print(f"[efficientllava] report: {report}\n[efficientllava] trials: efficientllava trials {root}\n{root}")
+
+
+def _saved_heldout(root: Path) -> dict | None:
+    """heldout.json when it still describes the current best policy (else None: it would mislead)."""
+    saved, best = Path(root) / "heldout.json", Path(root) / "best_policy.json"
+    if not (saved.is_file() and best.is_file()):
+        return None
+    heldout, current = json.loads(saved.read_text()), json.loads(best.read_text())
+    same = (heldout.get("best", {}).get("round"), heldout.get("best", {}).get("objective")) == (
+        current.get("round"), current.get("objective"))
+    return heldout if same else None
 
 
 def _cmd_trials(args: argparse.Namespace) -> None:
@@ -82,7 +94,6 @@ def _cmd_trials(args: argparse.Namespace) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from efficientllava.report import write_report
 
-    heldout_file = Path(args.dir) / "heldout.json"
     if args.heldout:
         from efficientllava.experiment import open_experiment
         from efficientllava.heldout import heldout_comparison
@@ -93,7 +104,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
         init_ray()
         heldout = run_heavy(cfg, heldout_comparison, cfg, str(args.dir))
     else:
-        heldout = json.loads(heldout_file.read_text()) if heldout_file.is_file() else None
+        heldout = _saved_heldout(Path(args.dir))
     print(write_report(args.dir, heldout))
 
 

@@ -70,6 +70,7 @@ class ProjectorConfig:
     top_k: int = field(default=3, metadata=_rule(ge=1))
     batch_size: int = field(default=16, metadata=_rule(ge=1))
     weight_decay: float = field(default=0.0, metadata=_rule(ge=0))
+    rebuild_bank: bool = True  # re-calibrate and re-prune the variants with each new projector
 
 
 @dataclass(frozen=True)

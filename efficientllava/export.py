@@ -160,9 +160,7 @@ def export_policy(
 def export_experiment(experiment_dir: str | Path, out_dir: str | Path, trial: str | None = None) -> Path:
     """Export the best trial (or trial `ROUND-NUMBER`) of an experiment as an HF checkpoint + policy.json."""
     from efficientllava.experiment import open_experiment
-    from efficientllava.pipeline import open_pipeline
-    from efficientllava.projector import load_projector
-    from efficientllava.space import load_space
+    from efficientllava.problem import open_round
     from efficientllava.trials import best_record, read_records
 
     exp = open_experiment(experiment_dir)
@@ -180,11 +178,8 @@ def export_experiment(experiment_dir: str | Path, out_dir: str | Path, trial: st
         if not matches or matches[0]["status"] != "COMPLETE":
             raise ConfigError(f"{exp.root}: no completed trial {trial}; see `efficientllava trials {exp.root}`")
         rec = matches[0]
-    pipeline = open_pipeline(cfg.model, cfg.data, cfg.eval.batch_size)
-    if rec.get("projector_path"):
-        load_projector(pipeline.model, rec["projector_path"])
-    space = load_space(rec["space_path"])
-    bank = pipeline.bank(space, exp.root / "banks", int(rec.get("projector_version") or 0), log=False)
+    pipeline, _, bank = open_round(cfg, exp.root, rec.get("projector_path"), int(rec.get("projector_version") or 0),
+                                   rec["space_path"])
     meta_file = Path(pipeline.loaded.path) / "efficientllava.json"
     source_meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
     return export_policy(pipeline.model, pipeline.loaded.processor, Materializer(pipeline.model, bank),

@@ -9,12 +9,12 @@ from typing import Any
 from efficientllava.config import ExperimentConfig
 from efficientllava.errors import ConfigError
 from efficientllava.experiment import open_experiment, write_json_atomic
-from efficientllava.pipeline import Pipeline, open_pipeline
+from efficientllava.pipeline import Pipeline
 from efficientllava.policy import PruningPolicy
-from efficientllava.projector import load_projector
+from efficientllava.problem import open_round
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import evaluate_accuracy
-from efficientllava.space import SearchSpace, load_space, uniform_level
+from efficientllava.space import SearchSpace, uniform_level
 
 HELDOUT_FILE = "heldout.json"
 
@@ -35,20 +35,17 @@ def heldout_comparison(cfg: ExperimentConfig, root: str) -> dict[str, dict[str, 
     if not exp.best_policy_path.is_file():
         raise ConfigError(f"{root}: no best_policy.json yet (no finished trial); run or resume the search first")
     best = json.loads(exp.best_policy_path.read_text())
-    pipeline = open_pipeline(cfg.model, cfg.data, cfg.eval.batch_size)
-    banks = Path(root) / "banks"
-    space0 = load_space(Path(root) / "spaces" / "round-0.yaml")
+    pipeline, space0, bank0 = open_round(cfg, root, None, 0, str(Path(root) / "spaces" / "round-0.yaml"))
     units = space0.unit_names(pipeline.num_layers)
     out = {"dense": _entry(pipeline, None, space0, projector_version=0)}
     uniform = PruningPolicy(tuple((u, uniform_level(space0, u)) for u in units))
-    with Materializer(pipeline.model, pipeline.bank(space0, banks, 0, log=False)).applied(uniform):
+    with Materializer(pipeline.model, bank0).applied(uniform):
         out["uniform"] = _entry(pipeline, uniform, space0, projector_version=0, method=space0.method)
+    del pipeline, bank0  # one model in memory at a time (a 7B model is 14 GB)
     version = int(best.get("projector_version") or 0)
-    if best.get("projector_path"):
-        load_projector(pipeline.model, best["projector_path"])
-    space_b = load_space(best["space_path"])
+    pipeline, space_b, bank = open_round(cfg, root, best.get("projector_path"), version, best["space_path"])
     policy = PruningPolicy.from_mapping(best["policy"])
-    with Materializer(pipeline.model, pipeline.bank(space_b, banks, version, log=False)).applied(policy):
+    with Materializer(pipeline.model, bank).applied(policy):
         out["best"] = _entry(pipeline, policy, space_b, projector_version=version, round=best["round"],
                              fewshot_accuracy=best.get("accuracy"), objective=best.get("objective"))
     out["best"]["fewshot_minus_heldout"] = out["best"]["fewshot_accuracy"] - out["best"]["accuracy"]

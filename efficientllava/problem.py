@@ -23,7 +23,7 @@ from efficientllava.models.loading import resolve_spec
 from efficientllava.pipeline import Pipeline, open_pipeline
 from efficientllava.policy import PruningPolicy
 from efficientllava.projector import load_projector, optimize_projector, save_projector
-from efficientllava.pruning.bank import bank_bytes
+from efficientllava.pruning.bank import VariantBank, bank_bytes
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.objective import PolicyScorer
 from efficientllava.scoring.srm import SRMConfig
@@ -55,16 +55,32 @@ def params_to_policy(params: dict[str, Any], space: SearchSpace, units: list[str
     return PruningPolicy(tuple((u, space.levels_for(u)[int(params[u])]) for u in units))
 
 
+def open_round(cfg: ExperimentConfig, root: str | Path, projector_path: str | None, projector_version: int,
+               space_path: str) -> tuple[Pipeline, SearchSpace, VariantBank]:
+    """The model with a round's projector, the round's space, and its variant bank (built once).
+
+    With `projector.rebuild_bank` (default) the bank is calibrated with the round's projector, whose
+    outputs are the LLM's inputs on image tokens; otherwise with the checkpoint's own projector,
+    so the pruned weights stay those of round 0 and only the projector changes.
+    """
+    pipeline = open_pipeline(cfg.model, cfg.data, cfg.eval.batch_size)
+    space = load_space(space_path)
+    banks = Path(root) / "banks"
+    bank = None if cfg.projector.rebuild_bank else pipeline.bank(space, banks, 0)
+    if projector_path:
+        load_projector(pipeline.model, projector_path)
+    if bank is None:
+        bank = pipeline.bank(space, banks, projector_version)
+    return pipeline, space, bank
+
+
 class RoundSession:
     """Everything one round's trials share inside an actor: pipeline, space, bank, scorer."""
 
     def __init__(self, cfg: ExperimentConfig, root: Path, state: RoundState):
-        self.pipeline: Pipeline = open_pipeline(cfg.model, cfg.data, cfg.eval.batch_size)
-        if state.projector_path:
-            load_projector(self.pipeline.model, state.projector_path)
-        self.space = load_space(state.space_path)
+        self.pipeline, self.space, self.bank = open_round(cfg, root, state.projector_path, state.projector_version,
+                                                          state.space_path)
         self.units = self.space.unit_names(self.pipeline.num_layers)
-        self.bank = self.pipeline.bank(self.space, root / "banks", state.projector_version)
         self.bank.preload(self.pipeline.loaded.device)  # when it fits: trials then copy device-to-device
         self.scorer: PolicyScorer = self.pipeline.scorer(self.space, self.bank, srm_config(cfg))
 
@@ -87,10 +103,7 @@ def run_heavy(cfg: ExperimentConfig, fn: Any, *args: Any) -> Any:
 def prepare_round(cfg: ExperimentConfig, root: str, state: RoundState) -> dict[str, Any]:
     """Build (or find) the variant bank of a round so that trials only open it."""
     start = time.perf_counter()
-    pipeline = open_pipeline(cfg.model, cfg.data, cfg.eval.batch_size)
-    if state.projector_path:
-        load_projector(pipeline.model, state.projector_path)
-    bank = pipeline.bank(load_space(state.space_path), Path(root) / "banks", state.projector_version)
+    bank = open_round(cfg, root, state.projector_path, state.projector_version, state.space_path)[2]
     return {"bank": str(bank.root), "bank_bytes": bank_bytes(bank.root), "seconds": time.perf_counter() - start}
 
 

@@ -56,13 +56,21 @@ def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     for col in df.columns:
         if col in ("round", "number", "status", "retry_of", "projector_version", "error", "trial_id"):
             continue
-        if col.startswith("policy/") or _numeric(df[col]):
+        if col.startswith("param/") and _integral(df[col]):
+            df[col] = pd.to_numeric(df[col]).astype("Int64")  # level indices stay integers
+        elif col.startswith("policy/") or _numeric(df[col]):
             df[col] = pd.to_numeric(df[col]).astype("float64")
     policy = sorted(c for c in df.columns if c.startswith("policy/"))
     params = sorted(c for c in df.columns if c.startswith("param/"))
     terms = [c for c in df.columns if c not in (*BASE_COLUMNS, *META_COLUMNS) and c not in policy + params]
     df = df[[*BASE_COLUMNS, *terms, *policy, *params, *META_COLUMNS]]
     return df.sort_values(["round", "number"], kind="stable").reset_index(drop=True)
+
+
+def _integral(s: pd.Series) -> bool:
+    """True when every non-missing value is an integer (bools excluded)."""
+    values = s.dropna()
+    return len(values) > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def _numeric(s: pd.Series) -> bool:
