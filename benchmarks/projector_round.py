@@ -17,13 +17,13 @@ accuracy before/after, and the projector's few-shot loss before/after.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from candidates import draw, mean_std
 
 from efficientllava.config import load_config
 from efficientllava.data import DataConfig
@@ -33,7 +33,7 @@ from efficientllava.problem import resolved_space, srm_config
 from efficientllava.projector import optimize_projector
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import evaluate_accuracy
-from efficientllava.space import load_space, repair
+from efficientllava.space import load_space
 
 ROOT = Path(__file__).parents[1]
 VARIANTS = ("before", "same_weights", "repruned")
@@ -55,12 +55,6 @@ def accuracy(
         return evaluate_accuracy(model, batches).accuracy
     with materializer.applied(policy):
         return evaluate_accuracy(model, batches).accuracy
-
-
-def mean_std(values: list[float]) -> str:
-    """'mean +- std' (sample std over seeds)."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} +- {sd:.4f}"
 
 
 def main() -> None:
@@ -107,14 +101,9 @@ def main() -> None:
             units = space.unit_names(pipe.num_layers)
             bank0 = pipe.bank(space, Path(tmp), 0, log=False)
             scorer0 = pipe.scorer(space, bank0, srm_config(cfg))
-            rng = random.Random(seed)
-            seen: dict[str, PruningPolicy] = {}
-            for _ in range(args.candidates):
-                raw = PruningPolicy(tuple((u, rng.choice(space.levels_for(u))) for u in units))
-                policy = repair(raw, space, scorer0.weights)
-                seen.setdefault(policy.key, policy)
+            candidates = draw(space, units, scorer0.weights, args.candidates, seed)
             scored = sorted(
-                ((scorer0.score(p).objective, i, p) for i, p in enumerate(seen.values())),
+                ((scorer0.score(p).objective, i, p) for i, p in enumerate(candidates)),
                 key=lambda t: (-t[0], t[1]),
             )  # ties: first drawn
             top = [p for _, _, p in scored[:top_k]]
@@ -143,7 +132,7 @@ def main() -> None:
                 best_fs[v].append(fs[v])
                 top_ho[v].append(statistics.fmean(ho[v]))
             lines.append(
-                f"{seed:<4} {len(seen):>3}  {best.mean_sparsity(scorer0.weights):.4f} | "
+                f"{seed:<4} {len(candidates):>3}  {best.mean_sparsity(scorer0.weights):.4f} | "
                 + " | ".join(f"{ho[v][0]:.4f} {fs[v]:.4f} {statistics.fmean(ho[v]):.4f}" for v in VARIANTS)
                 + f" | {result.loss_before:.4f} -> {result.loss_after:.4f} | "
                 f"{dense_ho['before'][-1]:.4f} -> {dense_ho['after'][-1]:.4f}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from candidates import draw, mean_std
 
 from efficientllava.config import load_config
 from efficientllava.data import DataConfig
@@ -34,7 +35,7 @@ from efficientllava.problem import resolved_space, srm_config
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import evaluate_accuracy
 from efficientllava.scoring.objective import TrialScore
-from efficientllava.space import SearchSpace, load_space, repair
+from efficientllava.space import load_space
 
 ROOT = Path(__file__).parents[1]
 _TIE = 1e-12  # objectives closer than this are a tie
@@ -53,19 +54,6 @@ class Pick:
     def gap(self) -> float:
         """Few-shot minus held-out accuracy."""
         return self.fewshot - self.heldout
-
-
-def draw(
-    space: SearchSpace, units: list[str], weights: dict[str, int], k: int, seed: int
-) -> list[PruningPolicy]:
-    """K random level choices per unit, repaired onto the budget, de-duplicated (first kept)."""
-    rng = random.Random(seed)
-    seen: dict[str, PruningPolicy] = {}
-    for _ in range(k):
-        raw = PruningPolicy(tuple((u, rng.choice(space.levels_for(u))) for u in units))
-        policy = repair(raw, space, weights)
-        seen.setdefault(policy.key, policy)
-    return list(seen.values())
 
 
 class Heldout:
@@ -119,12 +107,6 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     if len(set(rx)) < 2 or len(set(ry)) < 2:
         return math.nan
     return statistics.correlation(rx, ry)
-
-
-def mean_std(values: list[float]) -> str:
-    """'mean +- std' (sample std over seeds)."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} +- {sd:.4f}"
 
 
 def main() -> None:

@@ -72,8 +72,9 @@ class Pipeline:
         """Open the bank for (space, few-shot set, projector version) under `banks_dir`, building it once."""
         spec = self.bank_spec(space)
         # Magnitude pruning ignores calibration inputs, so its bank survives projector updates.
-        calibration = "" if space.method == "magnitude" else f"{self.task.fingerprint}/projector-{projector_version}"
-        root = Path(banks_dir) / spec.fingerprint(f"{self.loaded.path}|{calibration}")
+        inputs = "" if space.method == "magnitude" else f"{self.task.fingerprint}/projector-{projector_version}"
+        calibration = f"{self.loaded.path}|{inputs}"
+        root = Path(banks_dir) / spec.fingerprint(calibration)  # the directory is named by the manifest's fingerprint
         with file_lock(root.with_suffix(".lock")):  # several trial actors may ask at once; one builds
             if (root / MANIFEST).is_file():
                 return VariantBank.open(root)

@@ -190,7 +190,9 @@ class PruningProblem:
             # The baseline is the first trial: it sits in the trial table, and TPE starts from it.
             units = [u for u, _ in space.unit_levels]
             uniform = {u: space.levels_for(u).index(uniform_level(space, u)) for u in units}
-            open_study(ExperimentDir(self.root), 0).enqueue_trial(uniform, user_attrs={"baseline": "uniform"})
+            study = open_study(ExperimentDir(self.root), 0)
+            if not study.trials:  # a start killed before state.json was written must not enqueue it twice
+                study.enqueue_trial(uniform, user_attrs={"baseline": "uniform"})
         info = run_heavy(self.config, prepare_round, self.config, str(self.root), state)
         print(f"[round 0] variant bank ready: {info['bank']} ({info['bank_bytes'] / 2**20:.1f} MiB, "
               f"{info['seconds']:.1f}s)", flush=True)

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from rayprocs import kill_ray
 
 pytestmark = pytest.mark.slow
 
@@ -31,43 +32,6 @@ MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # Generous: on a fresh machine the first search also trains the tiny model (~3 min); cached, it takes ~1.5 min.
 SEARCH_TIMEOUT_S = 600
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def ray_processes(marker: str) -> list[int]:
-    """Live processes of the Ray cluster under temp dir `marker`.
-
-    Matched on the command line, the environment (RAY_TMPDIR), or an open file under the temp dir:
-    Ray's agents rename themselves and blank their environment, but keep their log files open.
-    """
-    needle, pids = marker.encode(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if (entry / "stat").read_text().split(") ")[-1].startswith("Z"):
-                continue  # a zombie holds no resources
-            found = needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes()
-            if not found:
-                found = any(needle in os.readlink(fd).encode() for fd in (entry / "fd").iterdir())
-        except OSError:
-            continue
-        if found:
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_ray(marker: str, timeout: float = 15.0) -> list[int]:
-    """SIGKILL the processes of the Ray cluster under `marker`, one pid at a time; returns those found."""
-    found = ray_processes(marker)
-    for pid in found:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + timeout
-    while ray_processes(marker) and time.time() < deadline:
-        time.sleep(0.1)
-    return found
 
 
 def cli(args: list[str], ray_tmp: str, log: Path, timeout: float) -> subprocess.CompletedProcess:
