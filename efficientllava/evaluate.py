@@ -14,12 +14,16 @@ from efficientllava.policy import PruningPolicy
 from efficientllava.projector import load_projector
 from efficientllava.pruning.units import unit_names
 from efficientllava.scoring.accuracy import evaluate_accuracy
+from efficientllava.scoring.objective import PolicyScorer
 from efficientllava.scoring.srm import SRMConfig
 from efficientllava.space import Budget, SearchSpace
 
 
 def policy_space(policy: PruningPolicy, method: str, pattern: str) -> SearchSpace:
-    """A one-policy space: each unit's levels are {0, its ratio} (what a bank for this policy must hold)."""
+    """A one-policy space: each unit's levels are {0, its ratio} (what a bank for this policy must hold).
+
+    Its budget is a placeholder that nothing reads: `evaluate` scores without a budget.
+    """
     granularity = "sublayer" if policy.units[0].endswith((".attn", ".mlp")) else "layer"
     unit_levels = {u: tuple(sorted({0.0, r})) for u, r in policy.ratios}
     return SearchSpace(granularity=granularity, levels=(0.0,), budget=Budget(target=0.5), method=method,
@@ -56,8 +60,8 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     policy.validate(space.unit_names(pipeline.num_layers))
     # Calibrated on the few-shot split (as in a search); cached under $EFFICIENTLLAVA_HOME/banks.
     bank = pipeline.bank(space, Path(home_dir()) / "banks", 0, log=True)
-    scorer = pipeline.scorer(space, bank, SRMConfig())
-    scorer.batches, scorer.n_samples = batches, sum(len(b["answers"]) for b in batches)
+    # No budget here: this scores one given policy, on the split asked for.
+    scorer = PolicyScorer(pipeline.model, batches, bank, None, SRMConfig(), pipeline.cost_model(space.granularity))
     score = scorer.score(policy, latency=args.latency)
     print(header)
     print(f"policy {policy!r} ({args.method}, {args.pattern})")
