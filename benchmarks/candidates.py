@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 
+from efficientllava.config import ExperimentConfig
+from efficientllava.pipeline import Pipeline, open_pipeline
 from efficientllava.policy import PruningPolicy
-from efficientllava.space import SearchSpace, repair
+from efficientllava.problem import resolved_space
+from efficientllava.space import SearchSpace, load_space, repair
+
+
+def seed_pipeline(cfg: ExperimentConfig, seed: int, shots: int, heldout_size: int) -> tuple[Pipeline, SearchSpace]:
+    """The experiment's model with the few-shot draw `seed`, and its space resolved for the model's layers."""
+    data = dataclasses.replace(cfg.data, n_shots=shots, seed=seed, heldout_size=heldout_size)
+    pipe = open_pipeline(cfg.model, data, cfg.eval.batch_size)
+    return pipe, resolved_space(load_space(cfg.space), pipe.num_layers)
 
 
 def draw(

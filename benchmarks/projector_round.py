@@ -23,17 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-from candidates import draw, mean_std
+from candidates import draw, mean_std, seed_pipeline
 
 from efficientllava.config import load_config
-from efficientllava.data import DataConfig
-from efficientllava.pipeline import open_pipeline
 from efficientllava.policy import PruningPolicy
-from efficientllava.problem import resolved_space, srm_config
+from efficientllava.problem import srm_config
 from efficientllava.projector import optimize_projector
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import evaluate_accuracy
-from efficientllava.space import load_space
 
 ROOT = Path(__file__).parents[1]
 VARIANTS = ("before", "same_weights", "repruned")
@@ -88,16 +85,8 @@ def main() -> None:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            data = DataConfig(
-                dataset=cfg.data.dataset,
-                source=cfg.data.source,
-                n_shots=args.shots,
-                seed=seed,
-                heldout_size=args.heldout_size,
-            )
-            pipe = open_pipeline(cfg.model, data, cfg.eval.batch_size)
+            pipe, space = seed_pipeline(cfg, seed, args.shots, args.heldout_size)
             model, fewshot, heldout = pipe.model, pipe.fewshot_batches, pipe.heldout_batches
-            space = resolved_space(load_space(cfg.space), pipe.num_layers)
             units = space.unit_names(pipe.num_layers)
             bank0 = pipe.bank(space, Path(tmp), 0, log=False)
             scorer0 = pipe.scorer(space, bank0, srm_config(cfg))

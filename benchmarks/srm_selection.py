@@ -25,17 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from candidates import draw, mean_std
+from candidates import draw, mean_std, seed_pipeline
 
 from efficientllava.config import load_config
-from efficientllava.data import DataConfig
-from efficientllava.pipeline import Pipeline, open_pipeline
+from efficientllava.pipeline import Pipeline
 from efficientllava.policy import PruningPolicy
-from efficientllava.problem import resolved_space, srm_config
+from efficientllava.problem import srm_config
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import evaluate_accuracy
 from efficientllava.scoring.objective import TrialScore
-from efficientllava.space import load_space
 
 ROOT = Path(__file__).parents[1]
 _TIE = 1e-12  # objectives closer than this are a tie
@@ -148,15 +146,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            data = DataConfig(
-                dataset=cfg.data.dataset,
-                source=cfg.data.source,
-                n_shots=args.shots,
-                seed=seed,
-                heldout_size=args.heldout_size,
-            )
-            pipe = open_pipeline(cfg.model, data, cfg.eval.batch_size)
-            space = resolved_space(load_space(cfg.space), pipe.num_layers)
+            pipe, space = seed_pipeline(cfg, seed, args.shots, args.heldout_size)
             bank = pipe.bank(space, Path(tmp), 0, log=False)
             bank.preload(pipe.loaded.device)
             scorer = pipe.scorer(space, bank, srm)
