@@ -26,6 +26,7 @@ class TrialScore:
 
     objective: float  # accuracy - lam * gap - budget penalty (what the search maximises)
     accuracy: float  # few-shot accuracy (NaN when rejected unevaluated)
+    soft_accuracy: float  # mean probability of the right option: a smoother few-shot signal, recorded only
     gap: float  # SRM generalisation-gap bound
     capacity: float  # rho(pi): pruned capacity relative to dense, in (0, 1]
     lam: float
@@ -76,15 +77,15 @@ class PolicyScorer:
         penalty = budget.shortfall_penalty(mean) if budget is not None and budget.over_budget == "penalize" else 0.0
         rejected = budget is not None and not within and budget.over_budget == "reject"
         if rejected:  # not evaluated: scored below any evaluated policy, graded by how far it misses
-            accuracy, eval_s, lat = math.nan, 0.0, None
+            accuracy, soft, eval_s, lat = math.nan, math.nan, 0.0, None
             objective = REJECTED - (budget.floor - mean)  # type: ignore[union-attr]
         else:
             with self.materializer.applied(policy):
                 result = evaluate_accuracy(self.model, self.batches)
                 lat = measure_latency(self.model, self.batches[:1]) if latency else None
-            accuracy, eval_s = result.accuracy, result.seconds
+            accuracy, soft, eval_s = result.accuracy, result.soft_accuracy, result.seconds
             objective = accuracy - self.srm.lam * gap - penalty
-        return TrialScore(objective=objective, accuracy=accuracy, gap=gap, capacity=cap, lam=self.srm.lam,
+        return TrialScore(objective=objective, accuracy=accuracy, soft_accuracy=soft, gap=gap, capacity=cap, lam=self.srm.lam,
                           mean_sparsity=mean, kept_fraction=cost.kept_fraction, within_budget=within,
                           budget_penalty=penalty, flops_per_sample=cost.flops_per_sample,
                           flops_speedup=cost.flops_speedup, n_samples=self.n_samples, eval_s=eval_s, latency_s=lat)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
@@ -43,8 +42,3 @@ class SearchProblem(Protocol):
 
 METRIC = "objective"  # the metric every problem reports and the search maximises
 MODE = "max"
-
-
-def problem_dir(experiment_dir: str | Path) -> Path:
-    """Where a problem keeps its own files inside an experiment directory."""
-    return Path(experiment_dir)
