@@ -24,7 +24,6 @@ from efficientllava.pipeline import Pipeline, open_pipeline
 from efficientllava.policy import PruningPolicy
 from efficientllava.projector import load_projector, optimize_projector, save_projector
 from efficientllava.pruning.bank import VariantBank, bank_bytes
-from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.objective import PolicyScorer
 from efficientllava.scoring.srm import SRMConfig
 from efficientllava.search.problem import RoundState
@@ -115,8 +114,9 @@ def advance_round(cfg: ExperimentConfig, root: str, state: RoundState, top: list
     nxt = state.round + 1
     version, proj_path = state.projector_version, state.projector_path
     if cfg.projector.enabled and policies and cfg.projector.steps > 0:
-        materializer = Materializer(session.pipeline.model, session.bank)
-        result = optimize_projector(session.pipeline.model, session.pipeline.fewshot_batches, materializer,
+        # The scorer's materializer already holds the dense copy; a second one would double it (13 GB on 7B).
+        result = optimize_projector(session.pipeline.model, session.pipeline.fewshot_batches,
+                                    session.scorer.materializer,
                                     policies[: cfg.projector.top_k], steps=cfg.projector.steps, lr=cfg.projector.lr,
                                     weight_decay=cfg.projector.weight_decay)
         version += 1
