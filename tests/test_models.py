@@ -284,3 +284,28 @@ def test_tiny_training_is_deterministic(tmp_path, monkeypatch):
     init = build_tiny(QUICK)[0].state_dict()
     assert init.keys() == weights[0].keys()
     assert any(not torch.equal(init[k], weights[0][k]) for k in init)
+
+
+def test_shipped_tiny_weights_match_the_config_and_answer_the_task():
+    """The packaged weights are the default TinyConfig's (regenerate: python -m efficientllava.models.tiny)."""
+    from efficientllava.data.synthetic import generate
+    from efficientllava.models.tiny import (
+        SHIPPED_DIR,
+        open_answer_accuracy,
+        open_batches,
+        rows_to_dataset,
+        shipped_tiny,
+    )
+    from efficientllava.prompting import encode_batches
+    from efficientllava.scoring.accuracy import evaluate_accuracy
+
+    meta = json.loads((SHIPPED_DIR / META_FILE).read_text())
+    assert meta["key"] == TinyConfig().key(), "TinyConfig changed: regenerate with python -m efficientllava.models.tiny"
+    assert shipped_tiny() == SHIPPED_DIR and ensure_tiny() == SHIPPED_DIR
+    loaded = load_model("tiny", device="cpu")
+    assert loaded.path == str(SHIPPED_DIR)
+    rows = generate(256, 123, "heldout")  # a stream the model never trained on
+    processor = loaded.processor
+    mc = evaluate_accuracy(loaded.model, encode_batches(processor, rows_to_dataset(rows), 128, COMPACT)).accuracy
+    open_ended = open_answer_accuracy(loaded.model, open_batches(rows, processor, 128))
+    assert mc >= 0.9 and open_ended >= 0.9, (mc, open_ended)

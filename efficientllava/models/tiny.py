@@ -29,13 +29,19 @@ from transformers import (
     LlavaProcessor,
 )
 
-from efficientllava.data.synthetic import IMAGE_SIZE, generate, make_synthetic, question_words
+from efficientllava.data.synthetic import IMAGE_SIZE, generate, question_words
 from efficientllava.filelock import file_lock
 from efficientllava.models.tokenizer import build_word_tokenizer
-from efficientllava.prompting import COMPACT, build_prompt, encode_batches, model_inputs
+from efficientllava.prompting import (
+    COMPACT,
+    build_prompt,
+    encode_answer_batches,
+    encode_batches,
+    model_inputs,
+)
 from efficientllava.scoring.accuracy import evaluate_accuracy
 
-FORMAT_VERSION = 1  # bump when the training recipe changes, so old caches are not reused
+FORMAT_VERSION = 2  # bump when the training recipe changes, so old caches are not reused
 META_FILE = "efficientllava.json"  # prompt format and provenance, next to config.json
 
 
@@ -51,7 +57,8 @@ class TinyConfig:
     text_intermediate: int = 256
     text_layers: int = 6
     text_heads: int = 4
-    train_samples: int = 12000
+    train_samples: int = 12000  # multiple-choice samples (answer: the option letter)
+    open_samples: int = 6000  # open-ended samples of the same task (answer: the colour / shape / count word)
     epochs: int = 4
     batch_size: int = 64
     lr: float = 3e-3
@@ -110,10 +117,29 @@ def _scene_targets(rows: list[dict], tokenizer, batch_size: int, n_quadrants: in
     return out
 
 
+def open_batches(rows: list[dict], processor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The rows as open-ended questions (no options): the target is the answer word, then EOS."""
+    prompts = [build_prompt(r["question"], [], r["context"], COMPACT, processor.image_token) for r in rows]
+    answers = [r["options"][r["answer"]] for r in rows]
+    return encode_answer_batches(processor, [r["image"] for r in rows], prompts, answers, batch_size)
+
+
+def _answer_loss(model, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the answer: the option letter (multiple choice) or the answer tokens + EOS (open)."""
+    rows_idx = torch.arange(hidden.shape[0])
+    if "answer_ids" not in batch:
+        return F.cross_entropy(model.lm_head(hidden[rows_idx, batch["answer_pos"]]), batch["labels"])
+    targets = batch["answer_ids"]
+    pos = (batch["answer_pos"][:, None] + torch.arange(targets.shape[1])).clamp(max=hidden.shape[1] - 1)
+    logits = model.lm_head(hidden[rows_idx[:, None], pos])
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
 def train_tiny(cfg: TinyConfig, out_dir: Path, log: bool = True) -> dict:
     """Train a tiny LLaVA on the synthetic task (deterministic given cfg.seed) and save it to `out_dir`.
 
-    Loss: the answer letter's next-token cross-entropy (as LLaVA is trained) plus an auxiliary
+    Loss: the answer's next-token cross-entropy (as LLaVA is trained: the option letter for
+    multiple-choice samples, the answer word then EOS for open-ended ones) plus an auxiliary
     scene loss at the image tokens (each names its quadrant's shape and colour through lm_head),
     which lets a from-scratch vision tower learn in a few hundred steps instead of thousands.
     """
@@ -122,11 +148,18 @@ def train_tiny(cfg: TinyConfig, out_dir: Path, log: bool = True) -> dict:
     torch.set_num_threads(cfg.threads)  # deterministic and immune to spin-waits on a busy machine
     torch.manual_seed(cfg.seed)
     model, processor = build_tiny(cfg)
-    rows = generate(cfg.train_samples, cfg.seed, "pretrain")
-    train = encode_batches(processor, _as_dataset(rows), cfg.batch_size, COMPACT)
     n_quadrants = (IMAGE_SIZE // cfg.patch_size) ** 2
+    rows = generate(cfg.train_samples, cfg.seed, "pretrain")
+    train = encode_batches(processor, rows_to_dataset(rows), cfg.batch_size, COMPACT)
     scenes = _scene_targets(rows, processor.tokenizer, cfg.batch_size, n_quadrants)
-    heldout = encode_batches(processor, make_synthetic(cfg.eval_samples, cfg.seed + 1, "pretrain"), 128, COMPACT)
+    if cfg.open_samples:
+        # A separate seed stream of the pretraining split: other images than the multiple-choice ones.
+        open_rows = generate(cfg.open_samples, cfg.seed + 7919, "pretrain")
+        train += open_batches(open_rows, processor, cfg.batch_size)
+        scenes += _scene_targets(open_rows, processor.tokenizer, cfg.batch_size, n_quadrants)
+    held_rows = generate(cfg.eval_samples, cfg.seed + 1, "pretrain")
+    heldout = encode_batches(processor, rows_to_dataset(held_rows), 128, COMPACT)
+    heldout_open = open_batches(held_rows, processor, 128)
     image_id = model.config.image_token_index
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     total = cfg.epochs * len(train)
@@ -138,10 +171,8 @@ def train_tiny(cfg: TinyConfig, out_dir: Path, log: bool = True) -> dict:
         for i in torch.randperm(len(train), generator=gen).tolist():
             batch = train[i]
             hidden = model.model(**model_inputs(batch)).last_hidden_state
-            rows_idx = torch.arange(hidden.shape[0])
-            answer = model.lm_head(hidden[rows_idx, batch["answer_pos"]])
             image = model.lm_head(hidden[batch["input_ids"] == image_id])
-            loss = F.cross_entropy(answer, batch["labels"]) + F.cross_entropy(image, scenes[i].flatten(0, 1))
+            loss = _answer_loss(model, hidden, batch) + F.cross_entropy(image, scenes[i].flatten(0, 1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -149,13 +180,14 @@ def train_tiny(cfg: TinyConfig, out_dir: Path, log: bool = True) -> dict:
             sched.step()
         if log:
             model.eval()
-            acc = evaluate_accuracy(model, heldout).accuracy
+            acc, open_acc = evaluate_accuracy(model, heldout).accuracy, open_answer_accuracy(model, heldout_open)
             model.train()
-            print(f"[tiny] epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.3f}, "
-                  f"held-out accuracy {acc:.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
+            print(f"[tiny] epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.3f}, held-out accuracy {acc:.3f} "
+                  f"(open-ended {open_acc:.3f}) ({time.perf_counter() - start:.0f}s)", flush=True)
     model.eval()
     meta = {"prompt_format": COMPACT, "tiny_config": dataclasses.asdict(cfg), "key": cfg.key(),
             "pretrain_heldout_accuracy": evaluate_accuracy(model, heldout).accuracy,
+            "pretrain_heldout_open_accuracy": open_answer_accuracy(model, heldout_open),
             "train_seconds": round(time.perf_counter() - start, 1)}
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -164,7 +196,22 @@ def train_tiny(cfg: TinyConfig, out_dir: Path, log: bool = True) -> dict:
     return meta
 
 
-def _as_dataset(rows: list[dict]):
+@torch.no_grad()
+def open_answer_accuracy(model, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Share of open-ended samples whose every answer token and EOS is the argmax (teacher-forced)."""
+    right = total = 0
+    for batch in batches:
+        hidden = model.model(**model_inputs(batch)).last_hidden_state
+        targets = batch["answer_ids"]
+        pos = (batch["answer_pos"][:, None] + torch.arange(targets.shape[1])).clamp(max=hidden.shape[1] - 1)
+        pred = model.lm_head(hidden[torch.arange(hidden.shape[0])[:, None], pos]).argmax(-1)
+        right += int(((pred == targets) | (targets == -100)).all(1).sum())
+        total += targets.shape[0]
+    return right / max(total, 1)
+
+
+def rows_to_dataset(rows: list[dict]):
+    """Generated synthetic rows as a schema dataset."""
     import datasets
 
     from efficientllava.data.schema import FEATURES
@@ -172,9 +219,27 @@ def _as_dataset(rows: list[dict]):
     return datasets.Dataset.from_list([{k: r[k] for k in FEATURES} for r in rows], features=FEATURES)
 
 
-def ensure_tiny(cfg: TinyConfig | None = None) -> Path:
-    """Path of the cached tiny checkpoint for `cfg`, training it first if it is not cached yet."""
+SHIPPED_DIR = Path(__file__).parent / "tiny_weights"  # the default TinyConfig's trained weights, in the package
+
+
+def shipped_tiny(cfg: TinyConfig | None = None) -> Path | None:
+    """The packaged checkpoint when it was trained from exactly `cfg` (default config), else None."""
     cfg = cfg or TinyConfig()
+    try:
+        meta = json.loads((SHIPPED_DIR / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return SHIPPED_DIR if meta.get("key") == cfg.key() else None
+
+
+def ensure_tiny(cfg: TinyConfig | None = None) -> Path:
+    """Path of the tiny checkpoint for `cfg`: the packaged one when it matches, else trained once and cached."""
+    cfg = cfg or TinyConfig()
+    return shipped_tiny(cfg) or _cached_tiny(cfg)
+
+
+def _cached_tiny(cfg: TinyConfig) -> Path:
+    """The checkpoint for `cfg` under $EFFICIENTLLAVA_HOME/models, trained there first if missing."""
     final = home_dir() / "models" / f"tiny-{cfg.key()}"
     if (final / META_FILE).exists():
         return final
@@ -191,3 +256,15 @@ def ensure_tiny(cfg: TinyConfig | None = None) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def ship_tiny(cfg: TinyConfig | None = None) -> Path:
+    """Copy the trained (cached, else trained now) tiny checkpoint for `cfg` into the package as its shipped weights."""
+    source = _cached_tiny(cfg or TinyConfig())
+    shutil.rmtree(SHIPPED_DIR, ignore_errors=True)
+    shutil.copytree(source, SHIPPED_DIR)
+    return SHIPPED_DIR
+
+
+if __name__ == "__main__":  # python -m efficientllava.models.tiny: regenerate the shipped weights
+    print(ship_tiny())
