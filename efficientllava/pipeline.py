@@ -91,7 +91,7 @@ def open_pipeline(model: ModelConfig, data: DataConfig, batch_size: int = 32) ->
     """Load the model and the task, and encode the few-shot set on the model's device."""
     task = load_task(data)  # first: bad data fails before minutes of model loading
     if task.kind != MULTIPLE_CHOICE:  # until open-ended / label-free fidelity is wired into the scorer
-        raise DataError(f"data: {task.source} is a {task.kind} task; the search and `evaluate` score "
+        raise DataError(f"data: {task.source} is an {task.kind.replace('_', '-')} task; the search and `evaluate` score "
                         "multiple-choice tasks only so far (data.kind: multiple_choice needs options and answers)")
     loaded = load_model(model.spec, dtype=model.dtype, device=model.device)
     batches = encode_batches(loaded.processor, task.fewshot, batch_size, loaded.prompt_format, loaded.device,
