@@ -26,7 +26,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from efficientllava.data.config import MULTIPLE_CHOICE, OPEN_ENDED, UNLABELLED, ColumnMap, DataConfig
+from efficientllava.data.config import OPEN_ENDED, ColumnMap, DataConfig
 from efficientllava.data.images import checked_images, image_storage, row_name
 from efficientllava.data.schema import FEATURES, MAX_OPTIONS, NO_ANSWER, detect_kind
 from efficientllava.data.sources import RawSplit
@@ -119,7 +119,6 @@ class _Columns:
     """The data set's column for each schema field, resolved against the table's columns."""
 
     def __init__(self, names: Sequence[str], mapping: ColumnMap, where: str, prompt: str | None) -> None:
-        self.where = where
         given = mapping.given()
         for key, value in given.items():
             wanted = (value,) if isinstance(value, str) else value
@@ -163,8 +162,8 @@ class _Columns:
         return list(dict.fromkeys(c for c in cols if c is not None))
 
 
-def _options(row: dict, cols: _Columns, n: int, where: str, ids: list[str]) -> tuple[list[str] | None, str | None]:
-    """(options or None when the row has no option columns, the question with lettered options cut out or None)."""
+def _options(row: dict, cols: _Columns, n: int, where: str, ids: list[str]) -> tuple[list[str], str | None]:
+    """(the row's options, [] when it has none; its question with lettered options cut out, or None when not cut)."""
     if len(cols.option_columns) > 1:  # one column per option
         values = [_text(row[c]) for c in cols.option_columns]
         while values and not values[-1]:
@@ -294,4 +293,4 @@ def load_pool(raw: RawSplit, cfg: DataConfig) -> VQAPool:
     return VQAPool(samples, kind, raw.where)
 
 
-__all__ = ["DEFAULT_COLUMNS", "MULTIPLE_CHOICE", "OPEN_ENDED", "UNLABELLED", "VQAPool", "load_pool", "split_lettered"]
+__all__ = ["DEFAULT_COLUMNS", "VQAPool", "load_pool", "split_lettered"]
