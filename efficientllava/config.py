@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from efficientllava.data.config import DataConfig
+from efficientllava.data.config import DATASETS, KINDS, DataConfig
 from efficientllava.errors import ConfigError, ResourceError
 
 DEFAULT_PROBLEM = "efficientllava.problem:PruningProblem"
@@ -118,7 +118,8 @@ class ExperimentConfig:
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PROBLEM_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # Extra checks on DataConfig, which lives in efficientllava.data and carries no field metadata.
-_DATA_RULES = {"n_shots": _rule(ge=1), "heldout_size": _rule(ge=1)}
+_DATA_RULES = {"n_shots": _rule(ge=1), "heldout_size": _rule(ge=1), "dataset": _rule(choices=DATASETS),
+               "kind": _rule(choices=KINDS)}
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
@@ -155,8 +156,14 @@ def config_from_dict(d: Any, source: str | Path = "<config>", *, resolve_space: 
         raise ConfigError(f"{src}: name={cfg.name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
     if not _PROBLEM_RE.match(cfg.problem):
         raise ConfigError(f"{src}: problem={cfg.problem!r} must be 'package.module:ClassName'")
+    problem = cfg.data.problem()
+    if problem is not None:
+        raise ConfigError(f"{src}: {problem}")
     if resolve_space:
         cfg = dataclasses.replace(cfg, space=str(_resolve_space(cfg.space, source, src)))
+        if cfg.data.source is not None and src != "<config>":
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, source=_resolve_source(cfg.data.source, source)))
     return cfg
 
 
@@ -202,6 +209,14 @@ def _resolve_space(space: str, source: str | Path, src: str) -> Path:
     raise ConfigError(f"{src}: space={space!r} is not a file (tried {tried}); point it at a search-space YAML")
 
 
+def _resolve_source(data_source: str, source: str | Path) -> str:
+    """A local data.source relative to the config file's folder, made absolute; anything else as written."""
+    p = Path(os.path.expanduser(data_source))
+    if not p.is_absolute() and (Path(source).resolve().parent / p).exists():
+        return str((Path(source).resolve().parent / p).resolve())
+    return data_source
+
+
 def _build(cls: type, d: Any, src: str, prefix: str) -> Any:
     """Build dataclass `cls` from mapping `d`, checking keys, types and values; errors name `prefix.key`."""
     where = prefix.rstrip(".") or "the top level"
@@ -243,6 +258,11 @@ def _check_type(value: Any, tp: Any, src: str, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{src}: {key} must be a {base.__name__}, not empty/null")
+    if typing.get_origin(base) is tuple:  # tuple[str, ...]: a YAML list of names, or one name
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{src}: {key}={value!r} must be a name or a list of names")
+        return tuple(items)
     ok = (
         (base is bool and isinstance(value, bool))
         or (base is int and isinstance(value, int) and not isinstance(value, bool))

@@ -9,7 +9,8 @@ import datasets
 import torch
 
 from efficientllava.config import ModelConfig
-from efficientllava.data import DataConfig, TaskData, load_task
+from efficientllava.data import MULTIPLE_CHOICE, DataConfig, TaskData, load_task
+from efficientllava.errors import DataError
 from efficientllava.filelock import file_lock
 from efficientllava.models import LoadedModel, load_model
 from efficientllava.prompting import encode_batches
@@ -88,8 +89,11 @@ class Pipeline:
 
 def open_pipeline(model: ModelConfig, data: DataConfig, batch_size: int = 32) -> Pipeline:
     """Load the model and the task, and encode the few-shot set on the model's device."""
+    task = load_task(data)  # first: bad data fails before minutes of model loading
+    if task.kind != MULTIPLE_CHOICE:  # until open-ended / label-free fidelity is wired into the scorer
+        raise DataError(f"data: {task.source} is an {task.kind.replace('_', '-')} task; the search and `evaluate` score "
+                        "multiple-choice tasks only so far (data.kind: multiple_choice needs options and answers)")
     loaded = load_model(model.spec, dtype=model.dtype, device=model.device)
-    task = load_task(data)
     batches = encode_batches(loaded.processor, task.fewshot, batch_size, loaded.prompt_format, loaded.device,
                              loaded.dtype)
     return Pipeline(loaded, task, batch_size, batches)

@@ -229,7 +229,7 @@ def test_synthetic_task_is_seeded_and_disjoint():
     cfg = DataConfig(dataset="synthetic", n_shots=16, heldout_size=32, seed=3)
     a, b = load_task(cfg), load_task(cfg)
     other = load_task(DataConfig(dataset="synthetic", n_shots=16, heldout_size=32, seed=4))
-    assert a.name == "synthetic" and DATASETS == ("synthetic", "scienceqa")
+    assert a.name == "synthetic" and DATASETS == ("synthetic", "scienceqa", "vqa")
     assert (len(a.fewshot), len(a.heldout)) == (16, 32)
     assert a.fewshot.features == FEATURES and a.heldout.features == FEATURES
     assert list(a.fewshot["id"]) == list(b.fewshot["id"]) and a.fingerprint == b.fingerprint

@@ -42,6 +42,7 @@ def _mixed_dataset() -> datasets.Dataset:
                 "context": context,
                 "options": options,
                 "answer": answer,
+                "answers": [],
                 "qtype": "color",
             }
         )

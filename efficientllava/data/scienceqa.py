@@ -11,22 +11,13 @@ import pyarrow.compute as pc
 from datasets.exceptions import DatasetsError
 
 from efficientllava.data.schema import FEATURES, validate_samples
+from efficientllava.data.sources import HUB_ERRORS
 from efficientllava.errors import DataError
 
 HUB_ID = "derek-thomas/ScienceQA"
 # Columns of the Hub copy that the schema needs; hint/category/subject are optional (they default).
 RAW_REQUIRED = ("image", "question", "choices", "answer")
 _TEXT_INPUTS = ("hint", "category", "subject")
-
-# Errors that mean "the Hub copy cannot be had here"; the HTTP client's base error is not an OSError.
-# ValueError: a Hub repo in another layout (e.g. one that needs a config name).
-_HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, DatasetsError, ValueError)
-try:
-    from huggingface_hub.utils import httpx as _httpx
-
-    _HUB_ERRORS += (_httpx.HTTPError,)
-except ImportError:  # pragma: no cover - older huggingface_hub uses requests (an OSError)
-    pass
 
 
 def source_kind(source: str | None) -> str:
@@ -57,7 +48,7 @@ def source_label(source: str | None) -> str:
 def load_scienceqa(source: str | None = None, split: str = "train") -> datasets.Dataset:
     """Load ScienceQA's image questions of `split` from `source` (Hub id, repo directory or .parquet file)."""
     kind = source_kind(source)
-    if kind == "hub":
+    if kind == "hub" or source is None:
         raw, where = _load_hub(source_label(source), split)
     elif kind == "dir":
         raw, where = _load_dir(Path(source).expanduser(), split)
@@ -73,7 +64,7 @@ def _load_hub(hub_id: str, split: str) -> tuple[datasets.Dataset, str]:
     """Load all splits of a Hub dataset (from the cache when offline) and return `split`."""
     try:
         dd = datasets.load_dataset(hub_id)
-    except _HUB_ERRORS as e:
+    except HUB_ERRORS as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
             f"ScienceQA: cannot load Hub dataset {hub_id} ({type(e).__name__}: {reason}); pre-download it where the "
@@ -180,6 +171,7 @@ def _fields(inputs: list[str]):
         subject = got.get("subject", [""] * n)
         return {
             "options": choices,
+            "answers": [[] for _ in range(n)],
             "context": [h or "" for h in hint],
             "qtype": [c or s or "" for c, s in zip(category, subject, strict=True)],
         }

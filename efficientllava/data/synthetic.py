@@ -1,4 +1,7 @@
-"""A generated multiple-choice VQA task (colours, shapes, counts) for the embedded default.
+"""A generated VQA task (colours, shapes, counts) for the embedded default, in three forms.
+
+Multiple choice (the options are the four words of the question's type), open-ended (the answer
+word is the one reference answer: the form the tiny model also learnt) and unlabelled.
 
 Images are small (32 px) renderings of 1-4 shapes, one per quadrant, each with its own colour.
 Three question types need different computations (the colour or the kind of a single shape,
@@ -13,7 +16,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from efficientllava.data.schema import FEATURES
+from efficientllava.data.config import KINDS, MULTIPLE_CHOICE, OPEN_ENDED
+from efficientllava.data.schema import FEATURES, convert_kind
 from efficientllava.errors import DataError
 
 IMAGE_SIZE = 32
@@ -98,7 +102,7 @@ def _sample(rng: np.random.Generator, shuffle: bool) -> dict:
         question, answer, pool = "how many shapes are there ?", COUNTS[n_obj - 1], COUNTS
     options, index = _options(answer, pool, rng, shuffle)
     return {"image": _render(objects, rng), "question": question, "context": "", "options": options,
-            "answer": index, "qtype": qtype, "objects": objects}
+            "answer": index, "answers": [], "qtype": qtype, "objects": objects}
 
 
 def generate(n: int, seed: int, split: str, shuffle_options: bool = False) -> list[dict]:
@@ -115,11 +119,20 @@ def generate(n: int, seed: int, split: str, shuffle_options: bool = False) -> li
     return rows
 
 
-def make_synthetic(n: int, seed: int, split: str, shuffle_options: bool = False) -> datasets.Dataset:
+def make_synthetic(n: int, seed: int, split: str, shuffle_options: bool = False,
+                   kind: str = MULTIPLE_CHOICE) -> datasets.Dataset:
     """`n` generated samples of `split` ("pretrain", "train" or "heldout"; disjoint streams) for `seed`.
 
     Each question type has exactly four answers, listed in a fixed order unless `shuffle_options`
     (then the model must match option texts, which a 1 M-parameter model learns far more slowly).
+    `kind` open_ended gives the same rows without options (the answer word is the one reference
+    answer), unlabelled the open-ended rows without answers (an image and a question only).
     """
+    if kind not in KINDS:
+        raise DataError(f"synthetic data has no kind {kind!r}; use one of {', '.join(KINDS)}")
     rows = generate(n, seed, split, shuffle_options)
-    return datasets.Dataset.from_list([{k: r[k] for k in FEATURES} for r in rows], features=FEATURES)
+    ds = datasets.Dataset.from_list([{k: r[k] for k in FEATURES} for r in rows], features=FEATURES)
+    if kind == MULTIPLE_CHOICE:
+        return ds
+    ds = convert_kind(ds, MULTIPLE_CHOICE, OPEN_ENDED, "the synthetic task")
+    return convert_kind(ds, OPEN_ENDED, kind, "the synthetic task")
