@@ -152,6 +152,11 @@ def _plot_pareto(ok: pd.DataFrame, best: pd.Series, path: Path) -> str:
 
 
 def _plot_sparsity(best: pd.Series, path: Path) -> str:
+    """The best policy's per-unit sparsity chart (see `sparsity_figure`), saved to `path`."""
+    return _save(sparsity_figure(best), path)
+
+
+def sparsity_figure(best: pd.Series) -> Figure:
     """Bar chart of the best policy's per-unit sparsity in model order, grouped by decoder layer.
 
     One bar per unit, coloured by its part (attention / MLP, or q .. down at matrix granularity),
@@ -187,7 +192,7 @@ def _plot_sparsity(best: pd.Series, path: Path) -> str:
     ax.set_xlim(-1, x)
     ax.set(ylabel="sparsity", ylim=(0, 1),
            title=f"Best policy (round {best['round']}, trial {best['number']}): sparsity per unit")
-    return _save(fig, path)
+    return fig
 
 
 def _table(df: pd.DataFrame, index: bool = False) -> str:

@@ -7,8 +7,6 @@ A policy gives each unit one sparsity ratio. Granularities:
 - `matrix`: `layer.<i>.q|k|v|o|gate|up|down`, one ratio per weight matrix (the paper's granularity).
 
 Where the linears live is the model family's business (`families.ModelFamily.layer_linears`).
-This module imports neither torch nor the families at import time, so unit names (and the
-CLI's `choices=`) cost nothing to load.
 """
 
 from __future__ import annotations
@@ -16,14 +14,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+from torch import nn
 
 from efficientllava.errors import ConfigError
+from efficientllava.families import ROLES, family_of
 
-if TYPE_CHECKING:
-    from torch import nn
-
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")  # the prunable linears of a decoder layer, by role
 GRANULARITIES = ("layer", "sublayer", "matrix")
 # The parts of a decoder layer at each granularity, in model order, and the roles each part covers.
 PARTS = {"layer": ("all",), "sublayer": ("attn", "mlp"), "matrix": ROLES}
@@ -110,15 +106,11 @@ def unit_names(num_layers: int, granularity: str) -> list[str]:
 
 def num_decoder_layers(model: nn.Module) -> int:
     """Number of decoder layers of the language model."""
-    from efficientllava.families import family_of  # torch + transformers: only where a model is at hand
-
     return len(family_of(model).decoder_layers(model))
 
 
 def prunable_units(model: nn.Module, granularity: str) -> list[PrunableUnit]:
     """All prunable units of `model` at `granularity`, each with the linear modules it covers."""
-    from efficientllava.families import family_of
-
     family = family_of(model)
     units = []
     for name in unit_names(num_decoder_layers(model), granularity):
