@@ -62,8 +62,9 @@ def _image_only(cls: type) -> type:
     """`cls` (a multimodal processor) without its video processor, under the same class name.
 
     transformers' processors for LLaVA-OneVision and Qwen2-VL insist on a video processor, whose
-    classes need torchvision even when no video is ever passed. Scoring uses images only, so
-    without torchvision the processor is built from its image processor and tokenizer alone.
+    classes need torchvision even when no video is ever passed. Scoring uses images only, so the
+    processor is built from its image processor and tokenizer alone: the same with or without
+    torchvision, and for checkpoints saved without a video processor.
     """
 
     class ImageOnly(cls):  # type: ignore[valid-type,misc]
@@ -92,7 +93,7 @@ class ModelFamily:
     checkpoint_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     prompt_formats: ClassVar[tuple[str, ...]] = (CHAT, COMPACT)
     default_prompt_format: ClassVar[str] = CHAT
-    video_processor: ClassVar[bool] = False  # whether its processor class insists on a video processor
+    video_processor: ClassVar[bool] = False  # whether transformers' processor class insists on a video processor
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.model_type}>"
@@ -104,15 +105,13 @@ class ModelFamily:
         return getattr(transformers, self.model_class_name)  # type: ignore[no-any-return]
 
     def processor_class(self) -> type:
-        """The processor class, without its video processor where torchvision is missing."""
+        """The processor class (image-only where transformers' class also wants a video processor)."""
         cls = getattr(transformers, self.processor_class_name)
-        if self.video_processor and not transformers.utils.is_torchvision_available():
-            return _image_only(cls)
-        return cls  # type: ignore[no-any-return]
+        return _image_only(cls) if self.video_processor else cls  # type: ignore[no-any-return]
 
     def load_processor(self, source: str) -> Any:
         """The checkpoint's processor (`from_pretrained`)."""
-        if self.video_processor and not transformers.utils.is_torchvision_available():
+        if self.video_processor:
             return self.processor_class().from_pretrained(source)  # type: ignore[attr-defined]
         return transformers.AutoProcessor.from_pretrained(source)
 
