@@ -109,10 +109,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from efficientllava.export import export_experiment
+    from efficientllava.export import checkpoint_family, export_experiment
 
     out = export_experiment(args.dir, args.out, trial=args.trial)
-    print(f"exported to {out} (load with LlavaForConditionalGeneration.from_pretrained({str(out)!r}))")
+    cls = checkpoint_family(out).model_class_name
+    print(f"exported to {out} (load with {cls}.from_pretrained({str(out)!r}))")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--uniform", type=float, help="prune every layer to this sparsity")
     v.add_argument("--method", default="sparsegpt", help="sparsegpt, wanda or magnitude")
     v.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8")
-    v.add_argument("--granularity", default="layer", help="layer or sublayer (for --uniform)")
+    v.add_argument("--granularity", default="layer",
+                   help="units of --uniform: layer, sublayer (attention / MLP) or matrix (q, k, v, o, gate, up, down)")
     v.add_argument("--projector", help="projector safetensors to load (from an experiment's projector/)")
     v.add_argument("--latency", action="store_true", help="also measure forward latency")
     v.set_defaults(fn=_cmd_evaluate)

@@ -12,7 +12,7 @@ from efficientllava.models.tiny import home_dir
 from efficientllava.pipeline import open_pipeline
 from efficientllava.policy import PruningPolicy
 from efficientllava.projector import load_projector
-from efficientllava.pruning.units import unit_names
+from efficientllava.pruning.units import granularity_of, unit_names
 from efficientllava.scoring.accuracy import evaluate_accuracy
 from efficientllava.scoring.objective import PolicyScorer
 from efficientllava.scoring.srm import SRMConfig
@@ -24,7 +24,7 @@ def policy_space(policy: PruningPolicy, method: str, pattern: str) -> SearchSpac
 
     Its budget is a placeholder that nothing reads: `evaluate` scores without a budget.
     """
-    granularity = "sublayer" if policy.units[0].endswith((".attn", ".mlp")) else "layer"
+    granularity = granularity_of(policy.units)
     unit_levels = {u: tuple(sorted({0.0, r})) for u, r in policy.ratios}
     return SearchSpace(granularity=granularity, levels=(0.0,), budget=Budget(target=0.5), method=method,
                        pattern=pattern, name="evaluate").with_unit_levels(unit_levels)

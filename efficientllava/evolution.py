@@ -14,15 +14,14 @@ until it can.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.policy import PruningPolicy
+from efficientllava.pruning.units import unit_sort_key
 from efficientllava.space import SearchSpace, budget_status
 
 _EPS = 1e-6  # a policy ratio matches a level within this tolerance
-_UNIT = re.compile(r"^layer\.(\d+)(?:\.(attn|mlp))?$")
 
 
 def _level_index(unit: str, ratio: float, levels: tuple[float, ...]) -> int:
@@ -75,20 +74,13 @@ def evolve_space(
     return space.with_unit_levels({u: old[u][lo : hi + 1] for u, (lo, hi) in windows.items()})
 
 
-def _unit_key(unit: str) -> tuple[int, int, str]:
-    match = _UNIT.match(unit)
-    if match is None:
-        return (1 << 30, 0, unit)
-    return int(match.group(1)), {None: 0, "attn": 1, "mlp": 2}[match.group(2)], unit
-
-
 def _fmt(levels: tuple[float, ...]) -> str:
     return "[" + ", ".join(f"{lv:g}" for lv in levels) + "]"
 
 
 def describe_evolution(old: SearchSpace, new: SearchSpace) -> str:
     """One line per unit whose levels changed, `layer.3: [0, 0.1, 0.2] -> [0.1, 0.2]`; "" when none did."""
-    units = sorted({u for u, _ in old.unit_levels} | {u for u, _ in new.unit_levels}, key=_unit_key)
+    units = sorted({u for u, _ in old.unit_levels} | {u for u, _ in new.unit_levels}, key=unit_sort_key)
     lines = [
         f"{u}: {_fmt(old.levels_for(u))} -> {_fmt(new.levels_for(u))}"
         for u in units

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from efficientllava.errors import ConfigError
+from efficientllava.families import ModelFamily, family_for
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.materialize import Materializer
 
@@ -46,29 +47,21 @@ def measured_sparsity(model: nn.Module, unit_linears: Mapping[str, Sequence[str]
     return _fractions(counts)
 
 
-def _saved_key(name: str, keys: set[str]) -> str:
-    """The checkpoint key of module `name`'s weight; save_pretrained may write the legacy layout.
-
-    transformers 5 names the decoder `model.language_model.layers.*` but saves LLaVA checkpoints in
-    the original `language_model.model.layers.*` layout; match on the part after `layers.`, within
-    the language model (the CLIP tower has `layers.*.self_attn.q_proj` too).
-    """
-    if f"{name}.weight" in keys:
-        return f"{name}.weight"
-    tail = "layers." + name.split(".layers.", 1)[-1] + ".weight"
-    found = [k for k in keys if k.endswith("." + tail) and "language_model" in k.split(".layers.", 1)[0]]
-    if len(found) != 1:
-        raise ConfigError(
-            f"cannot find the weight of {name} in the exported checkpoint "
-            f"({len(found)} candidate keys); the model's layout is not supported by export"
-        )
-    return found[0]
+def checkpoint_family(checkpoint: str | Path) -> ModelFamily:
+    """The model family of a saved checkpoint, from its config.json."""
+    config = Path(checkpoint) / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{config}: cannot read the checkpoint's model_type ({exc})") from None
+    return family_for(model_type)
 
 
 def saved_sparsity(
     checkpoint: str | Path, unit_linears: Mapping[str, Sequence[str]]
 ) -> tuple[dict[str, float], float]:
     """Per-unit zero fraction read from a checkpoint's safetensors, and the parameter-weighted mean."""
+    family = checkpoint_family(checkpoint)
     files = sorted(Path(checkpoint).glob("*.safetensors"))
     if not files:
         raise ConfigError(
@@ -83,7 +76,7 @@ def saved_sparsity(
     for unit, names in unit_linears.items():
         zeros = total = 0
         for name in names:
-            key = _saved_key(name, keys)
+            key = family.checkpoint_key(name, keys)
             with safe_open(str(where[key]), framework="pt", device="cpu") as fh:
                 z, t = _zeros(fh.get_tensor(key))
             zeros, total = zeros + z, total + t

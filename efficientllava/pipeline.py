@@ -34,7 +34,7 @@ class Pipeline:
 
     @property
     def model(self) -> torch.nn.Module:
-        """The LLaVA model."""
+        """The loaded model."""
         return self.loaded.model
 
     @property
@@ -45,7 +45,7 @@ class Pipeline:
     def encode(self, dataset: datasets.Dataset) -> list[dict[str, torch.Tensor]]:
         """Encode any schema dataset for this model."""
         return encode_batches(self.loaded.processor, dataset, self.batch_size, self.loaded.prompt_format,
-                              self.loaded.device, self.loaded.dtype)
+                              self.loaded.device, self.loaded.dtype, family=self.loaded.family)
 
     @property
     def heldout_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -60,8 +60,8 @@ class Pipeline:
         return max(1, round(total / max(1, sum(len(b["answers"]) for b in self.fewshot_batches))))
 
     def cost_model(self, granularity: str) -> CostModel:
-        """Cost model of this model at `granularity`."""
-        return CostModel.from_model(self.model, granularity, self.tokens_per_sample())
+        """Cost model of this model at `granularity`, for samples like the few-shot ones."""
+        return CostModel.from_batches(self.model, granularity, self.fewshot_batches)
 
     def bank_spec(self, space: SearchSpace) -> BankSpec:
         """The variant-bank spec that covers every level `space` can choose."""
@@ -95,5 +95,5 @@ def open_pipeline(model: ModelConfig, data: DataConfig, batch_size: int = 32) ->
                         "multiple-choice tasks only so far (data.kind: multiple_choice needs options and answers)")
     loaded = load_model(model.spec, dtype=model.dtype, device=model.device)
     batches = encode_batches(loaded.processor, task.fewshot, batch_size, loaded.prompt_format, loaded.device,
-                             loaded.dtype)
+                             loaded.dtype, family=loaded.family)
     return Pipeline(loaded, task, batch_size, batches)

@@ -1,6 +1,7 @@
 """Projector optimisation (the paper's "search-space evolution"): train the vision projector under top policies.
 
-Between search rounds, `model.model.multi_modal_projector` is trained on the N few-shot samples
+Between search rounds, the vision projector (the model family's: LLaVA's `multi_modal_projector`,
+Qwen2-VL's patch `merger`) is trained on the N few-shot samples
 with every other parameter frozen, by gradient descent on the next-token loss of the answer letter.
 The paper's objective is the upper bound of that loss over all pruning policies, which is
 intractable; like the paper we average it over the current top-k policies, each materialised
@@ -28,11 +29,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from efficientllava.errors import ConfigError
+from efficientllava.families import family_of
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import answer_logits
-
-_PROJECTOR_PATHS = ("model.multi_modal_projector", "multi_modal_projector")  # transformers 5, then 4
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,8 @@ class ProjectorResult:
 
 
 def projector_module(model: nn.Module) -> nn.Module:
-    """The vision-to-language projector of a LLaVA model."""
-    names = dict(model.named_modules())
-    for path in _PROJECTOR_PATHS:
-        if path in names:
-            return names[path]
-    raise ConfigError(
-        f"{type(model).__name__} has no multi_modal_projector; projector optimisation needs a LLaVA model"
-    )
+    """The vision-to-language projector of a model, as its family names it."""
+    return family_of(model).projector(model)
 
 
 def projector_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ import html
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,10 @@ from matplotlib.transforms import blended_transform_factory
 
 from efficientllava.errors import ConfigError
 from efficientllava.experiment import open_experiment
+from efficientllava.pruning.units import is_unit, parse_unit, sort_units
 from efficientllava.trials import load_trials
 
 OBJECTIVE_PNG, PARETO_PNG, SPARSITY_PNG = "objective.png", "pareto.png", "sparsity.png"
-_UNIT_RE = re.compile(r"^layer\.(\d+)(?:\.(attn|mlp))?$")
-_PART_ORDER = {None: 0, "attn": 0, "mlp": 1}
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}th,td{padding:.25em .7em;text-align:right}
@@ -32,11 +30,8 @@ th{background:#f2f2f2}tr:nth-child(even) td{background:#fafafa}img{max-width:100
 
 
 def unit_order(units: list[str]) -> list[str]:
-    """Units in model order: "layer.<i>[.attn|.mlp]" by layer number (attn before mlp), other names after."""
-    def key(name: str) -> tuple[int, int, int, str]:
-        m = _UNIT_RE.match(name)
-        return (0, int(m.group(1)), _PART_ORDER[m.group(2)], "") if m else (1, 0, 0, name)
-    return sorted(units, key=key)
+    """Units in model order (by layer; attention before MLP; q, k, v, o, gate, up, down), other names after."""
+    return sort_units(units)
 
 
 def pareto_front(df: pd.DataFrame, x: str = "kept_fraction", y: str = "accuracy") -> pd.DataFrame:
@@ -157,17 +152,47 @@ def _plot_pareto(ok: pd.DataFrame, best: pd.Series, path: Path) -> str:
 
 
 def _plot_sparsity(best: pd.Series, path: Path) -> str:
-    """Bar chart of the best policy's per-unit sparsity, units in model order."""
+    """The best policy's per-unit sparsity chart (see `sparsity_figure`), saved to `path`."""
+    return _save(sparsity_figure(best), path)
+
+
+def sparsity_figure(best: pd.Series) -> Figure:
+    """Bar chart of the best policy's per-unit sparsity in model order, grouped by decoder layer.
+
+    One bar per unit, coloured by its part (attention / MLP, or q .. down at matrix granularity),
+    with a gap between layers and one tick per layer, so 224 matrices of a 7B model stay readable.
+    """
     units = unit_order([c.split("/", 1)[1] for c in best.index if c.startswith("policy/") and pd.notna(best[c])])
-    values = [float(best[f"policy/{u}"]) for u in units]
-    colors = ["C1" if u.endswith(".mlp") else "C0" for u in units]
-    fig = Figure(figsize=(max(6.0, 0.2 * len(units)), 3.8))
+    parsed = [parse_unit(u) if is_unit(u) else (-1, "other") for u in units]
+    parts = list(dict.fromkeys(part for _, part in parsed))
+    grouped = len(parts) > 1 or parts != ["all"]  # several bars per layer: leave a gap between layers
+    xs, ticks, x, prev = [], {}, 0.0, None
+    for layer, _ in parsed:
+        if grouped and prev is not None and layer != prev:
+            x += 1.0
+        xs.append(x)
+        ticks.setdefault(layer, []).append(x)
+        prev, x = layer, x + 1.0
+    palette = {p: f"C{i % 10}" for i, p in enumerate(parts)}
+    fig = Figure(figsize=(min(24.0, max(6.0, 0.055 * x + 2)), 3.8))
     ax = fig.add_subplot()
-    ax.bar(range(len(units)), values, color=colors)
-    ax.set_xticks(range(len(units)), units, rotation=90, fontsize=7)
+    for part in parts:
+        idx = [i for i, (_, p) in enumerate(parsed) if p == part]
+        ax.bar([xs[i] for i in idx], [float(best[f"policy/{units[i]}"]) for i in idx], width=0.9,
+               color=palette[part], label=part)
+    if grouped:
+        centres = {layer: sum(v) / len(v) for layer, v in ticks.items() if layer >= 0}
+        every = max(1, len(centres) // 40)  # at most ~40 layer labels
+        shown = [layer for i, layer in enumerate(centres) if i % every == 0]
+        ax.set_xticks([centres[layer] for layer in shown], [str(layer) for layer in shown], fontsize=7)
+        ax.set_xlabel("decoder layer")
+        ax.legend(fontsize=7, ncol=len(parts), loc="upper left", bbox_to_anchor=(0, -0.18), frameon=False)
+    else:
+        ax.set_xticks(xs, units, rotation=90, fontsize=7)
+    ax.set_xlim(-1, x)
     ax.set(ylabel="sparsity", ylim=(0, 1),
            title=f"Best policy (round {best['round']}, trial {best['number']}): sparsity per unit")
-    return _save(fig, path)
+    return fig
 
 
 def _table(df: pd.DataFrame, index: bool = False) -> str:

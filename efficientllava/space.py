@@ -13,13 +13,12 @@ import yaml
 
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.policy import PruningPolicy
-from efficientllava.pruning.units import GRANULARITIES, unit_names
+from efficientllava.pruning.units import GRANULARITIES, is_unit, unit_granularity, unit_names, unit_sort_key
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 OVER_BUDGET = ("repair", "penalize", "reject")
 BUDGET_KINDS = ("sparsity",)
 _PATTERN = re.compile(r"^(?:unstructured|(\d+):(\d+))$")
-_UNIT = re.compile(r"^layer\.(\d+)(?:\.(attn|mlp))?$")
 _EPS = 1e-9  # float tolerance for grids and level comparisons
 _LEVEL_DIGITS = 10  # grid levels are rounded so 0.1 * 3 is stored as 0.3
 
@@ -66,12 +65,6 @@ def _check_levels(levels: tuple[float, ...], where: str, pattern: tuple[int, int
 def _norm_levels(levels: Any) -> tuple[float, ...]:
     """Sorted, de-duplicated, rounded levels (no validation)."""
     return tuple(sorted({round(float(lv), _LEVEL_DIGITS) + 0.0 for lv in levels}))
-
-
-def _unit_sort_key(unit: str) -> tuple[int, int]:
-    match = _UNIT.match(unit)
-    assert match is not None  # callers validate names first
-    return int(match.group(1)), {None: 0, "attn": 1, "mlp": 2}[match.group(2)]
 
 
 @dataclass(frozen=True)
@@ -160,9 +153,8 @@ class SearchSpace:
             if not (isinstance(pair, tuple) and len(pair) == 2):
                 raise ConfigError(f"unit_levels entry {pair!r} is not a (unit, levels) pair")
             unit, levels = pair
-            match = _UNIT.match(unit) if isinstance(unit, str) else None
-            if match is None or (match.group(2) is None) != (self.granularity == "layer"):
-                example = "layer.3" if self.granularity == "layer" else "layer.3.attn / layer.3.mlp"
+            if not (isinstance(unit, str) and is_unit(unit) and unit_granularity(unit) == self.granularity):
+                example = " / ".join(n.replace("layer.0", "layer.3") for n in unit_names(1, self.granularity))
                 raise ConfigError(
                     f"unit_levels names unit {unit!r}, not a {self.granularity}-granularity unit like {example}"
                 )
@@ -172,7 +164,7 @@ class SearchSpace:
                 raise ConfigError(f"unit_levels.{unit} must be a list of levels, got {type(levels).__name__}")
             _check_levels(tuple(levels), f"unit_levels.{unit}", nm)
             overrides[unit] = _norm_levels(levels)
-        ordered = tuple(sorted(overrides.items(), key=lambda kv: _unit_sort_key(kv[0])))
+        ordered = tuple(sorted(overrides.items(), key=lambda kv: unit_sort_key(kv[0])))
         object.__setattr__(self, "unit_levels", ordered)
         object.__setattr__(self, "_overrides", dict(ordered))
         object.__setattr__(self, "percdamp", float(self.percdamp))

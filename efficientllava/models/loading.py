@@ -1,4 +1,4 @@
-"""Load any LLaVA checkpoint (hub id, local path, or the built-in `tiny`) through `from_pretrained`."""
+"""Load a checkpoint of any supported model family (hub id, local path, or the built-in `tiny`) through `from_pretrained`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from torch import nn
+from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from efficientllava.errors import ModelLoadError
-from efficientllava.prompting import LLAVA_15, PROMPT_FORMATS
+from efficientllava.families import ModelFamily, family_for, family_names
+from efficientllava.families.prompts import CHAT
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -22,15 +24,16 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A LLaVA model in eval mode with its processor, device, dtype and prompt format."""
+    """A model in eval mode with its processor, device, dtype, prompt format and model family."""
 
-    model: LlavaForConditionalGeneration
+    model: nn.Module
     processor: Any
     spec: str
     path: str
     device: torch.device
     dtype: torch.dtype
     prompt_format: str
+    family: ModelFamily
 
     @property
     def num_parameters(self) -> int:
@@ -76,15 +79,21 @@ def resolve_spec(spec: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{spec}: not a checkpoint directory (no config.json); "
                                  "point at a directory written by save_pretrained")
-        model_type = _read_json(path / "config.json").get("model_type")
-        if model_type != "llava":
-            raise ModelLoadError(f"{spec}: config.json has model_type {model_type!r}, not a LLaVA checkpoint "
-                                 "(expected 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+        _family(spec, _read_json(path / "config.json").get("model_type"))
         return str(path)
     if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         raise ModelLoadError(f"unknown model spec {spec!r}: use 'tiny', a hub id such as llava-hf/llava-1.5-7b-hf, "
                              "or an existing local checkpoint directory")
     return spec
+
+
+def _family(spec: str, model_type: Any) -> ModelFamily:
+    """The model family of checkpoint `spec`; a one-line error listing the supported ones otherwise."""
+    try:
+        return family_for(model_type)
+    except ModelLoadError:
+        raise ModelLoadError(f"{spec}: config.json has model_type {model_type!r}, not a LLaVA checkpoint of a "
+                             f"supported family (model_type {', '.join(family_names())})") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -111,7 +120,7 @@ def _hub_error(spec: str, source: str, err: Exception) -> ModelLoadError:
 
 
 def load_model(spec: str, *, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load a LLaVA model + processor: `tiny`, a hub id or a local path; eval mode, on `device`."""
+    """Load a model + processor through its family: `tiny`, a hub id or a local path; eval mode, on `device`."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = resolve_spec(spec)
@@ -119,17 +128,23 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto") -> Loade
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise _hub_error(spec, source, err) from err
-    if config.model_type != "llava":
-        raise ModelLoadError(f"{spec}: model_type {config.model_type!r} is not a LLaVA checkpoint")
+    family = _family(spec, config.model_type)
     hf_logging.disable_progress_bar()  # one bar per load in every trial actor is noise, not progress
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
-        processor = AutoProcessor.from_pretrained(source)
+        model: nn.Module = family.model_class().from_pretrained(source, dtype=torch_dtype)
+        processor = family.load_processor(source)
     except (OSError, ValueError) as err:  # ValueError: e.g. a tokenizer without its tokenizer.json
         raise _hub_error(spec, source, err) from err
     model.to(dev).eval()
     meta = Path(source) / "efficientllava.json"
-    fmt = _read_json(meta).get("prompt_format", LLAVA_15) if meta.is_file() else LLAVA_15
-    if fmt not in PROMPT_FORMATS:
-        raise ModelLoadError(f"{meta}: unknown prompt_format {fmt!r}; use one of {', '.join(PROMPT_FORMATS)}")
-    return LoadedModel(model, processor, spec, source, dev, torch_dtype, fmt)
+    fmt = _read_json(meta).get("prompt_format") if meta.is_file() else None
+    if fmt is None:
+        fmt = family.default_prompt_format
+    if fmt not in family.prompt_formats:
+        raise ModelLoadError(f"{meta}: unknown prompt_format {fmt!r} for {family.title}; use one of "
+                             f"{', '.join(family.prompt_formats)}")
+    if fmt == CHAT and getattr(processor, "chat_template", None) is None:
+        others = ", ".join(f for f in family.prompt_formats if f != CHAT)
+        raise ModelLoadError(f"{spec}: the processor has no chat template, which prompt_format {CHAT!r} needs; "
+                             f"add one to the checkpoint or set prompt_format ({others}) in {meta.name}")
+    return LoadedModel(model, processor, spec, source, dev, torch_dtype, fmt, family)

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from efficientllava.errors import ConfigError, DataError
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+from efficientllava.families import model_inputs
 
 
 class _StopForward(Exception):
@@ -117,7 +116,7 @@ def collect_stats(
             for batch in batches:
                 state["mask"] = batch.get("attention_mask")
                 try:
-                    model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+                    model(**model_inputs(batch))
                 except _StopForward:
                     pass
                 live.clear()

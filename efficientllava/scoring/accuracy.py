@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from efficientllava.prompting import model_inputs
+from efficientllava.families import family_of
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,7 @@ class AccuracyResult:
 
 def answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Vocabulary logits at each sample's answer position, [batch, vocab] (lm_head on those rows only)."""
-    hidden = model.model(**model_inputs(batch)).last_hidden_state
-    rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["answer_pos"]]
-    return model.lm_head(rows)
+    return family_of(model).answer_logits(model, batch)
 
 
 def option_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

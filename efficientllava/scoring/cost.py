@@ -8,9 +8,14 @@ FLOPs are an analytic estimate for one forward pass of one sample of `tokens_per
 - lm_head: 2 * its weights * T (transformers computes logits at every position by default);
 - attention scores and values: 4 * T^2 * (heads * head_dim) per decoder layer (causal masking's
   halving is ignored, as kernels compute the full square);
-- projector: 2 * its weights * image tokens; vision tower: 2 * its Linear/Conv weights * its
-  tokens + 4 * tokens^2 * hidden per encoder layer (every layer counted, although LLaVA reads
-  the penultimate one).
+- projector: 2 * its weights * image tokens; vision tower: 2 * its Linear/Conv weights (the
+  projector's excluded where it sits inside the tower, as Qwen2-VL's merger does) * its tokens
+  + 4 * sum over its attention sequences of length^2 * hidden per encoder layer (every layer
+  counted, although LLaVA reads the penultimate one).
+
+Image and vision token counts come from the model family: counted from encoded batches
+(`CostModel.from_batches`; dynamic-resolution models such as LLaVA-NeXT or Qwen2-VL need that),
+or, for fixed-resolution LLaVA-1.5, from the config (`CostModel.from_model`).
 Ignored: norms, activations, rotary embeddings, biases and embedding lookups (no matmul).
 """
 
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +31,13 @@ import torch
 from torch import nn
 
 from efficientllava.errors import ConfigError
+from efficientllava.families import TokenCounts, family_of, model_inputs
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.units import linear_modules, num_decoder_layers, prunable_units
 
 SEMI_STRUCTURED_CPU_MESSAGE = (
     "2:4 semi-structured kernels need an NVIDIA GPU with compute capability >= 8.0; not measurable here"
 )
-_FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values")
 
 
 @dataclass(frozen=True)
@@ -49,37 +54,32 @@ class Cost:
     flops_speedup: float  # dense / pruned FLOPs: a theoretical ceiling, not a measured speed-up
 
 
-def _find(model: nn.Module, candidates: Sequence[str]) -> nn.Module | None:
-    names = dict(model.named_modules())
-    for name in candidates:
-        if name in names:
-            return names[name]
-    return None
-
-
-def _matmul_weights(module: nn.Module | None) -> int:
-    """Weights of the Linear and Conv layers of `module` (what its matmuls multiply by)."""
+def _matmul_weights(module: nn.Module | None, exclude: nn.Module | None = None) -> int:
+    """Weights of the Linear and Conv layers of `module` (what its matmuls multiply by), less those of `exclude`."""
     if module is None:
         return 0
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)))
+    skip = {id(m) for m in exclude.modules()} if exclude is not None else set()
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, kinds) and id(m) not in skip)
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Parameter counts of a LLaVA model, from which any policy's cost is computed without the model."""
+    """Parameter and token counts of a model, from which any policy's cost is computed without the model."""
 
     unit_linears: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]  # unit -> ((linear, numel), ...)
     tokens_per_sample: int
     total_params: int
     lm_head_params: int
     projector_params: int
-    vision_params: int  # Linear/Conv weights of the vision tower
-    vision_tokens: int  # tokens inside the vision tower (CLS included)
-    image_tokens: int  # tokens the projector maps into the LLM
+    vision_params: int  # Linear/Conv weights of the vision tower (projector excluded)
+    vision_tokens: float  # tokens inside the vision tower per sample (all crops, CLS included)
+    image_tokens: float  # tokens the projector maps into the LLM per sample
     vision_layers: int
     vision_hidden: int
     llm_layers: int
     attn_width: int  # heads * head_dim of the LLM
+    vision_attention: float = 0.0  # per sample, sum over the tower's attention sequences of length^2
 
     def __post_init__(self) -> None:
         """Validate the token count."""
@@ -91,44 +91,48 @@ class CostModel:
             raise ConfigError(f"tokens_per_sample {self.tokens_per_sample!r} must be an integer >= 1")
 
     @classmethod
-    def from_model(cls, model: nn.Module, granularity: str, tokens_per_sample: int) -> CostModel:
-        """Read the counts from a LLaVA model (transformers 5 or 4 layout)."""
+    def from_model(cls, model: nn.Module, granularity: str, tokens_per_sample: int,
+                   counts: TokenCounts | None = None) -> CostModel:
+        """Read the counts from a model; image/vision tokens from `counts`, else the family's fixed resolution."""
+        family = family_of(model)
+        if counts is None:
+            counts = family.fixed_token_counts(model, tokens_per_sample)
+            if counts is None:
+                raise ConfigError(f"{family.title} sizes images dynamically: count its tokens from encoded "
+                                  "batches (CostModel.from_batches)")
         units = prunable_units(model, granularity)
         unit_linears = tuple(
             (u.name, tuple((name, mod.weight.numel()) for name, mod in linear_modules(model, u).items()))
             for u in units
         )
-        config: Any = getattr(model, "config", None)
-        vision = _find(model, ("model.vision_tower", "vision_tower"))
-        projector = _find(model, ("model.multi_modal_projector", "multi_modal_projector"))
-        output_embeddings: Any = getattr(model, "get_output_embeddings", None)
-        lm_head = output_embeddings() if callable(output_embeddings) else None
-        vc = getattr(config, "vision_config", None)
+        config: Any = model.config
+        projector = family.projector(model)
+        vision_layers, vision_hidden = family.vision_dims(config)
         tc = getattr(config, "text_config", config)
-        vision_tokens = image_tokens = vision_layers = vision_hidden = 0
-        if vision is not None and vc is not None:
-            patches = (vc.image_size // vc.patch_size) ** 2
-            has_cls = any(name.endswith("class_embedding") for name, _ in vision.named_parameters())
-            vision_tokens = patches + int(has_cls)
-            strategy = getattr(config, "vision_feature_select_strategy", "default")
-            image_tokens = patches + int(has_cls and strategy == "full")
-            vision_layers, vision_hidden = vc.num_hidden_layers, vc.hidden_size
         heads = tc.num_attention_heads
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
         return cls(
             unit_linears=unit_linears,
             tokens_per_sample=tokens_per_sample,
             total_params=sum(p.numel() for p in model.parameters()),  # parameters() de-duplicates ties
-            lm_head_params=_matmul_weights(lm_head),
+            lm_head_params=_matmul_weights(family.lm_head(model)),
             projector_params=_matmul_weights(projector),
-            vision_params=_matmul_weights(vision),
-            vision_tokens=vision_tokens,
-            image_tokens=image_tokens,
+            vision_params=_matmul_weights(family.vision_tower(model), exclude=projector),
+            vision_tokens=counts.vision_tokens,
+            image_tokens=counts.image_tokens,
             vision_layers=vision_layers,
             vision_hidden=vision_hidden,
             llm_layers=num_decoder_layers(model),
             attn_width=heads * head_dim,
+            vision_attention=counts.vision_attention,
         )
+
+    @classmethod
+    def from_batches(cls, model: nn.Module, granularity: str,
+                     batches: Iterable[Mapping[str, torch.Tensor]]) -> CostModel:
+        """The cost model for samples like those of `batches` (mean tokens per sample, counted from them)."""
+        counts = family_of(model).token_counts(model, batches)
+        return cls.from_model(model, granularity, max(1, round(counts.tokens)), counts)
 
     @property
     def unit_names(self) -> list[str]:
@@ -138,6 +142,10 @@ class CostModel:
     def unit_param_counts(self) -> dict[str, int]:
         """Prunable weights per unit, in model order: the weights of the sparsity budget."""
         return {unit: sum(n for _, n in linears) for unit, linears in self.unit_linears}
+
+    def unit_flops(self) -> dict[str, float]:
+        """Dense FLOPs per sample of each unit's linears (2 * weights * tokens); a ratio r removes r of them."""
+        return {unit: 2.0 * n * self.tokens_per_sample for unit, n in self.unit_param_counts().items()}
 
     @property
     def llm_params(self) -> int:
@@ -152,7 +160,7 @@ class CostModel:
             + 4 * t * t * self.attn_width * self.llm_layers
             + 2 * self.projector_params * self.image_tokens
             + 2 * self.vision_params * self.vision_tokens
-            + 4 * self.vision_tokens**2 * self.vision_hidden * self.vision_layers
+            + 4 * self.vision_attention * self.vision_hidden * self.vision_layers
         )
 
     def cost(self, policy: PruningPolicy) -> Cost:
@@ -203,7 +211,7 @@ def measure_latency(
         sync()
         start = time.perf_counter()
         for batch in batches:
-            model(**{k: batch[k] for k in _FORWARD_KEYS if k in batch})
+            model(**model_inputs(batch))
         sync()  # CUDA launches are asynchronous: time the work, not the launches
         return time.perf_counter() - start
 

@@ -1,0 +1,5 @@
+"""Test doubles and contract suites for plug-ins (like `optuna.testing`): not used by a search itself.
+
+- `family_contract.py`: `FamilyContract`, the tests every registered model family passes;
+- `tiny_families.py`: small random-weight checkpoints of every family, built offline.
+"""
