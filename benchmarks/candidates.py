@@ -10,7 +10,7 @@ from efficientllava.config import ExperimentConfig
 from efficientllava.pipeline import Pipeline, open_pipeline
 from efficientllava.policy import PruningPolicy
 from efficientllava.problem import resolved_space
-from efficientllava.space import SearchSpace, load_space, repair
+from efficientllava.space import SearchSpace, fit_to_budget, load_space
 
 
 def seed_pipeline(cfg: ExperimentConfig, seed: int, shots: int, heldout_size: int) -> tuple[Pipeline, SearchSpace]:
@@ -23,12 +23,12 @@ def seed_pipeline(cfg: ExperimentConfig, seed: int, shots: int, heldout_size: in
 def draw(
     space: SearchSpace, units: list[str], weights: dict[str, int], k: int, seed: int
 ) -> list[PruningPolicy]:
-    """K random level choices per unit, repaired onto the budget, de-duplicated (first kept)."""
+    """K random level choices per unit, fitted to the budget as trials are (projected by default), de-duplicated."""
     rng = random.Random(seed)
     seen: dict[str, PruningPolicy] = {}
     for _ in range(k):
         raw = PruningPolicy(tuple((u, rng.choice(space.levels_for(u))) for u in units))
-        policy = repair(raw, space, weights)
+        policy = fit_to_budget(raw, space, weights)
         seen.setdefault(policy.key, policy)
     return list(seen.values())
 

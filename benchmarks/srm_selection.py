@@ -1,12 +1,13 @@
-"""Does the SRM term pick policies that generalise better than few-shot accuracy alone?
+"""Does the SRM term pick policies that generalise better than the few-shot fidelity alone?
 
-    python benchmarks/srm_selection.py [--seeds 5] [--candidates 150] [--lam 1.0] [--diagnostic 16]
+    python benchmarks/srm_selection.py [--seeds 5] [--candidates 150] [--lam 1.0] [--fidelity kl] [--diagnostic 16]
 
 For each seed of the few-shot draw (64 shots, 1024 held-out samples of the synthetic task), K random
-level choices per unit are repaired onto the tiny space's budget, de-duplicated and scored on the
-few-shot set. Selection A takes the policies with the highest few-shot accuracy (lam = 0), selection
-B the argmax of accuracy - lam * gap (the search's objective). Many policies tie at the top few-shot
-accuracy (64 samples: steps of 1/64), so each selection's figures are the EXPECTED values over its
+level choices per unit are fitted onto the tiny space's budget as trials are (projected into the
+band by default), de-duplicated and scored on the few-shot set. Selection A takes the policies with
+the highest few-shot fidelity value (lam = 0; `--fidelity`, default the experiment's), selection B
+the argmax of fidelity - lam * gap (the search's objective). With accuracy, many policies tie at the
+top (64 samples: steps of 1/64), so each selection's figures are the EXPECTED values over its
 tied set (a uniformly random tie-break), with every tied policy evaluated on the held-out set.
 Prints per seed and mean +- std over seeds: held-out accuracy, few-shot accuracy, few-shot minus
 held-out gap and mean sparsity of A and B, B's win/tie/loss count against A, a lam sweep, and a
@@ -72,9 +73,15 @@ class Heldout:
         return self.cache[policy.key]
 
 
-def select(policies: list[PruningPolicy], scores: list[TrialScore], lam: float, heldout: Heldout) -> Pick:
-    """The policies maximising accuracy - lam * gap, and their expected figures."""
-    values = [s.accuracy - lam * s.gap for s in scores]
+def fidelity_value(score: TrialScore, fidelity: str) -> float:
+    """The few-shot signal `fidelity` names, higher is better."""
+    return {"accuracy": score.accuracy, "loglik": score.loglik, "kl": -score.kl}[fidelity]
+
+
+def select(policies: list[PruningPolicy], scores: list[TrialScore], lam: float, heldout: Heldout,
+           fidelity: str = "accuracy") -> Pick:
+    """The policies maximising fidelity - lam * gap, and their expected figures."""
+    values = [fidelity_value(s, fidelity) - lam * s.gap for s in scores]
     best = max(values)
     tied = [i for i, v in enumerate(values) if v >= best - _TIE]
     return Pick(
@@ -122,12 +129,14 @@ def main() -> None:
     ap.add_argument(
         "--diagnostic", type=int, default=16, help="random candidates per seed evaluated on held-out"
     )
+    ap.add_argument("--fidelity", default=None, help="accuracy | loglik | kl (default: the experiment's)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.experiment)
     srm = srm_config(cfg)
     lam = srm.lam if args.lam is None else args.lam
+    fidelity = args.fidelity or cfg.objective.fidelity
     sweep = [float(x) for x in args.sweep.split(",") if x.strip()]
     start = time.perf_counter()
     rows: list[tuple[int, int, Pick, Pick]] = []
@@ -140,7 +149,7 @@ def main() -> None:
     cap_vs_sparsity: list[float] = []  # Spearman(capacity, mean sparsity) per seed
     level_ratio: dict[float, list[float]] = {}  # level -> log(||W*M|| / ||W||) of every linear, every seed
     print(
-        f"experiment {Path(args.experiment).name}: srm lam={lam:g} (B), delta={srm.delta:g}, scale={srm.scale:g}, "
+        f"experiment {Path(args.experiment).name}: fidelity {fidelity}, srm lam={lam:g} (B), delta={srm.delta:g}, scale={srm.scale:g}, "
         f"aggregate={srm.aggregate}; {args.shots} shots, {args.heldout_size} held-out, "
         f"{args.candidates} draws/seed"
     )
@@ -158,11 +167,11 @@ def main() -> None:
             for (name, level), norm in bank.pruned_norms.items():
                 level_ratio.setdefault(round(level, 6), []).append(math.log(norm / bank.dense_norms[name]))
             heldout = Heldout(pipe, scorer.materializer)
-            a = select(policies, scores, 0.0, heldout)
-            b = select(policies, scores, lam, heldout)
+            a = select(policies, scores, 0.0, heldout, fidelity)
+            b = select(policies, scores, lam, heldout, fidelity)
             rows.append((seed, len(policies), a, b))
             for x in sweep:
-                swept[x].append(select(policies, scores, x, heldout))
+                swept[x].append(select(policies, scores, x, heldout, fidelity))
             if args.diagnostic:
                 idx = random.Random(1000 + seed).sample(
                     range(len(policies)), min(args.diagnostic, len(policies))
@@ -174,8 +183,8 @@ def main() -> None:
                         [scores[i].accuracy - h for i, h in zip(idx, ho, strict=True)],
                     )
                 )
-                diag_acc.append(spearman([scores[i].accuracy - lam * scores[i].gap for i in idx], ho))
-                diag_fs.append(spearman([scores[i].accuracy for i in idx], ho))
+                diag_acc.append(spearman([fidelity_value(scores[i], fidelity) - lam * scores[i].gap for i in idx], ho))
+                diag_fs.append(spearman([fidelity_value(scores[i], fidelity) for i in idx], ho))
             print(
                 f"seed {seed}: {len(policies)} distinct policies, {len(heldout.cache)} evaluated on held-out "
                 f"({time.perf_counter() - start:.0f}s)",
@@ -184,7 +193,7 @@ def main() -> None:
 
     print()
     print(
-        "per seed (expected over tied policies)       | A: few-shot accuracy alone     | B: accuracy - lam*gap"
+        f"per seed (expected over tied policies)       | A: few-shot {fidelity} alone | B: {fidelity} - lam*gap"
     )
     print("seed  n   | heldout fewshot  gap    spars  ties | heldout fewshot  gap    spars  ties | B vs A")
     wins = ties = losses = 0
@@ -242,7 +251,7 @@ def main() -> None:
         print(
             f"diagnostic on {args.diagnostic} random candidates/seed, Spearman mean over seeds: "
             f"SRM gap vs measured gap {fmt(diag_gap)}; objective vs held-out {fmt(diag_acc)}; "
-            f"few-shot accuracy vs held-out {fmt(diag_fs)}"
+            f"few-shot {fidelity} vs held-out {fmt(diag_fs)}"
         )
     print(f"total {time.perf_counter() - start:.0f}s")
 

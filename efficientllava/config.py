@@ -15,6 +15,7 @@ import yaml
 
 from efficientllava.data.config import DATASETS, KINDS, DataConfig
 from efficientllava.errors import ConfigError, ResourceError
+from efficientllava.scoring import FIDELITIES
 
 DEFAULT_PROBLEM = "efficientllava.problem:PruningProblem"
 SAMPLERS = ("tpe", "random", "nsga2")
@@ -39,8 +40,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The fitness: few-shot accuracy minus lam x the SRM generalisation-gap penalty."""
+    """The fitness: a few-shot fidelity signal minus lam x the SRM generalisation-gap penalty."""
 
+    fidelity: str = field(default="kl", metadata=_rule(choices=FIDELITIES))  # accuracy | loglik | kl
     lam: float = field(default=1.0, metadata=_rule(ge=0))
     delta: float = field(default=0.05, metadata=_rule(gt=0, le=1))
     scale: float = field(default=1.0, metadata=_rule(gt=0))

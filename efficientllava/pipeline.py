@@ -17,9 +17,9 @@ from efficientllava.prompting import encode_batches
 from efficientllava.pruning.bank import MANIFEST, BankSpec, VariantBank, build_bank
 from efficientllava.pruning.units import num_decoder_layers
 from efficientllava.scoring.cost import CostModel
-from efficientllava.scoring.objective import PolicyScorer
+from efficientllava.scoring.objective import DEFAULT_FIDELITY, PolicyScorer
 from efficientllava.scoring.srm import SRMConfig
-from efficientllava.space import SearchSpace
+from efficientllava.space import SearchSpace, check_band
 
 
 @dataclass
@@ -81,10 +81,12 @@ class Pipeline:
                 return VariantBank.open(root)
             return build_bank(self.model, self.fewshot_batches, spec, root, calibration, log=log)
 
-    def scorer(self, space: SearchSpace, bank: VariantBank, srm: SRMConfig) -> PolicyScorer:
-        """A PolicyScorer on the few-shot batches."""
-        return PolicyScorer(self.model, self.fewshot_batches, bank, space.budget, srm,
-                            self.cost_model(space.granularity))
+    def scorer(self, space: SearchSpace, bank: VariantBank, srm: SRMConfig,
+               fidelity: str = DEFAULT_FIDELITY) -> PolicyScorer:
+        """A PolicyScorer on the few-shot batches (fails fast when the budget band is unreachable)."""
+        cost = self.cost_model(space.granularity)
+        check_band(space, space.unit_names(self.num_layers), cost.unit_param_counts())
+        return PolicyScorer(self.model, self.fewshot_batches, bank, space.budget, srm, cost, fidelity)
 
 
 def open_pipeline(model: ModelConfig, data: DataConfig, batch_size: int = 32) -> Pipeline:

@@ -28,7 +28,7 @@ from efficientllava.scoring.objective import PolicyScorer
 from efficientllava.scoring.srm import SRMConfig
 from efficientllava.search.problem import RoundState
 from efficientllava.search.study import STATUS_OK, open_study
-from efficientllava.space import SearchSpace, dump_space, load_space, repair, uniform_level
+from efficientllava.space import SearchSpace, dump_space, fit_to_budget, load_space, uniform_level
 
 
 def srm_config(cfg: ExperimentConfig) -> SRMConfig:
@@ -81,14 +81,12 @@ class RoundSession:
                                                           state.space_path)
         self.units = self.space.unit_names(self.pipeline.num_layers)
         self.bank.preload(self.pipeline.loaded.device)  # when it fits: trials then copy device-to-device
-        self.scorer: PolicyScorer = self.pipeline.scorer(self.space, self.bank, srm_config(cfg))
+        self.scorer: PolicyScorer = self.pipeline.scorer(self.space, self.bank, srm_config(cfg), cfg.objective.fidelity)
 
     def policy(self, params: dict[str, Any]) -> tuple[PruningPolicy, PruningPolicy]:
-        """(sampled policy, the policy actually scored) — repaired onto the budget when configured."""
+        """(sampled policy, the policy actually scored): projected or repaired onto the budget as configured."""
         raw = params_to_policy(params, self.space, self.units)
-        if self.space.budget.over_budget == "repair":
-            return raw, repair(raw, self.space, self.scorer.weights)
-        return raw, raw
+        return raw, fit_to_budget(raw, self.space, self.scorer.weights)
 
 
 def run_heavy(cfg: ExperimentConfig, fn: Any, *args: Any) -> Any:

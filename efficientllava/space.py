@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.units import GRANULARITIES, is_unit, unit_granularity, unit_names, unit_sort_key
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
-OVER_BUDGET = ("repair", "penalize", "reject")
+OVER_BUDGET = ("project", "repair", "penalize", "reject")
 BUDGET_KINDS = ("sparsity",)
 _PATTERN = re.compile(r"^(?:unstructured|(\d+):(\d+))$")
 _EPS = 1e-9  # float tolerance for grids and level comparisons
@@ -69,16 +70,18 @@ def _norm_levels(levels: Any) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Budget:
-    """Cost constraint: the parameter-weighted mean sparsity must be >= target - tolerance.
+    """Cost constraint on the parameter-weighted mean sparsity: at least target - tolerance.
 
-    `over_budget` says what a trial does with a policy that misses it: "repair" raises its levels
-    (see `repair`), "penalize" subtracts `penalty * shortfall` from the objective, "reject" scores
-    it as failed.
+    `over_budget` says what a trial does with a policy that misses it: "project" (the default) moves
+    every policy, under or over the budget, into the band target +- tolerance with the fewest
+    weighted level steps (see `project`), so every trial prunes exactly as much as asked, up to the
+    tolerance; "repair" only raises under-budget policies (see `repair`); "penalize" subtracts
+    `penalty * shortfall` from the objective; "reject" scores it as failed.
     """
 
     target: float
     tolerance: float = 0.01
-    over_budget: str = "repair"
+    over_budget: str = "project"
     penalty: float = 1.0
     kind: str = "sparsity"
 
@@ -104,9 +107,22 @@ class Budget:
         """The least mean sparsity that meets the budget."""
         return self.target - self.tolerance
 
+    @property
+    def ceiling(self) -> float:
+        """The most mean sparsity that "project" lets a policy keep."""
+        return self.target + self.tolerance
+
     def within(self, mean_sparsity: float) -> bool:
-        """Whether a mean sparsity meets the budget."""
+        """Whether a mean sparsity meets the budget (is at least the floor)."""
         return mean_sparsity >= self.floor - _EPS
+
+    def in_band(self, mean_sparsity: float) -> bool:
+        """Whether a mean sparsity lies in the band [floor, ceiling] that "project" scores at."""
+        return self.floor - _EPS <= mean_sparsity <= self.ceiling + _EPS
+
+    def satisfied(self, mean_sparsity: float) -> bool:
+        """Whether a scored policy is at the budget: in the band for "project", above the floor otherwise."""
+        return self.in_band(mean_sparsity) if self.over_budget == "project" else self.within(mean_sparsity)
 
     def shortfall_penalty(self, mean_sparsity: float) -> float:
         """`penalty * max(0, floor - mean)`: what "penalize" subtracts from the objective."""
@@ -379,3 +395,156 @@ def uniform_level(space: SearchSpace, unit: str) -> float:
         raise ConfigError(f"search space {space.name!r}: no level of {unit} reaches the budget floor "
                           f"{space.budget.floor:g}, so there is no uniform baseline")
     return min(levels)
+
+
+# -- budget projection --------------------------------------------------------------------------
+
+
+def _nearest_index(levels: Sequence[float], ratio: float) -> int:
+    """Index of the level nearest `ratio` (the lower one on a tie)."""
+    return min(range(len(levels)), key=lambda i: (abs(levels[i] - ratio), i))
+
+
+def project_indices(levels: Sequence[Sequence[float]], index: Sequence[int], weights: Sequence[float],
+                    lo: float, hi: float, *, anchor: Sequence[float] | None = None,
+                    frozen: Collection[int] = (), names: Sequence[str] | None = None) -> list[int]:
+    """Level indices moved, one level step at a time, until the weighted mean level lies in [lo, hi].
+
+    Each step goes in the one direction the mean must move (up when below `lo`, down when above
+    `hi`). The next step is the one that adds the least squared distance to `anchor` (default: the
+    starting levels) per unit of mean it moves, i.e. ((new - a)^2 - (old - a)^2) / (weight * |new - old|):
+    a greedy walk toward the weighted least-squares projection onto the band, so the change spreads
+    over units in proportion to their weight instead of piling onto one. A step that would jump
+    past the band's far edge is never taken. Ties go to the unit listed first. `frozen` units never
+    move. Deterministic, and the identity on a point already in the band. Raises PolicyError when
+    no sequence of such steps reaches the band.
+    """
+    n = len(levels)
+    names = list(names) if names is not None else [f"#{i}" for i in range(n)]
+    total = math.fsum(weights)
+    idx = list(index)
+    mean = math.fsum(w * lv[k] for w, lv, k in zip(weights, levels, idx, strict=True)) / total
+    if lo - _EPS <= mean <= hi + _EPS:
+        return idx
+    up = mean < lo
+    step = 1 if up else -1
+    ref = list(anchor) if anchor is not None else [lv[k] for lv, k in zip(levels, idx, strict=True)]
+
+    def entry(i: int) -> tuple[float, int] | None:
+        nxt = idx[i] + step
+        if i in frozen or not 0 <= nxt < len(levels[i]):
+            return None
+        old, new = levels[i][idx[i]], levels[i][nxt]
+        cost = ((new - ref[i]) ** 2 - (old - ref[i]) ** 2) / (weights[i] * abs(new - old))
+        return round(cost, 12), i
+
+    heap = [e for e in (entry(i) for i in range(n)) if e is not None]
+    heapq.heapify(heap)
+    too_big: list[int] = []  # units whose next step jumps over the band (for the error message)
+    while heap and not lo - _EPS <= mean <= hi + _EPS:
+        _, i = heapq.heappop(heap)
+        moved = weights[i] * (levels[i][idx[i] + step] - levels[i][idx[i]]) / total
+        if (up and mean + moved > hi + _EPS) or (not up and mean + moved < lo - _EPS):
+            too_big.append(i)  # only gets worse as the mean keeps moving the same way
+            continue
+        idx[i] += step
+        mean += moved
+        nxt = entry(i)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    mean = math.fsum(w * lv[k] for w, lv, k in zip(weights, levels, idx, strict=True)) / total
+    if lo - _EPS <= mean <= hi + _EPS:
+        return idx
+    if too_big:
+        unit = names[too_big[0]]
+        raise PolicyError(
+            f"the budget band [{lo:.4f}, {hi:.4f}] is narrower than one level step of {unit}; "
+            "raise budget.tolerance (see space.min_tolerance)"
+        )
+    edge = "highest" if up else "lowest"
+    raise PolicyError(
+        f"the budget band [{lo:.4f}, {hi:.4f}] is out of reach: with every movable unit at its {edge} level "
+        f"the mean sparsity is {mean:.4f}; change the levels or budget.target"
+    )
+
+
+def project(policy: PruningPolicy, space: SearchSpace, weights: Mapping[str, int]) -> PruningPolicy:
+    """The policy on `space`'s levels nearest `policy` whose mean sparsity lies in the budget band.
+
+    Why: samplers choose each unit's level independently, so raw samples land anywhere between the
+    lowest and highest mean; a policy scored above the budget wins by pruning less than asked, one
+    below it is compared unfairly with uniform. Projecting both ways puts every scored policy at
+    the budget (target +- tolerance), so every trial row compares with uniform at the same size.
+
+    Rule (see `project_indices`): off-grid ratios are first snapped to their nearest level; then
+    single level steps, up or down as needed, each the one that moves the policy least (squared
+    distance per unit of mean sparsity gained), until the mean is in the band. Deterministic and
+    idempotent; it raises PolicyError when the band cannot be reached.
+    """
+    units = policy.units
+    levels = [space.levels_for(u) for u in units]
+    ratios = [r for _, r in policy.ratios]
+    idx = [_nearest_index(lv, r) for lv, r in zip(levels, ratios, strict=True)]
+    on_grid = all(abs(lv[k] - r) < _EPS for lv, k, r in zip(levels, idx, ratios, strict=True))
+    missing = [u for u in units if u not in weights]
+    if missing:
+        raise PolicyError(f"no parameter count for unit {missing[0]!r}; weights must cover every unit")
+    w = [float(weights[u]) for u in units]
+    budget = space.budget
+    try:
+        new = project_indices(levels, idx, w, budget.floor, budget.ceiling, anchor=ratios, names=units)
+    except PolicyError as exc:
+        raise PolicyError(f"search space {space.name!r}: {exc}") from None
+    if on_grid and new == idx:
+        return policy
+    return PruningPolicy(tuple((u, lv[k]) for u, lv, k in zip(units, levels, new, strict=True)))
+
+
+def min_tolerance(space: SearchSpace, units: Sequence[str], weights: Mapping[str, int]) -> float:
+    """Half the largest change of the mean sparsity that one level step of one unit makes.
+
+    With budget.tolerance at least this, the band target +- tolerance is as wide as the largest
+    single step, so `project` can always land in it (no step can jump over it).
+    """
+    total = math.fsum(float(weights[u]) for u in units)
+    largest = 0.0
+    for u in units:
+        lv = space.levels_for(u)
+        if len(lv) > 1:
+            largest = max(largest, weights[u] * max(b - a for a, b in zip(lv, lv[1:], strict=False)) / total)
+    return largest / 2
+
+
+def check_band(space: SearchSpace, units: Sequence[str], weights: Mapping[str, int]) -> None:
+    """ConfigError when "project" is on and the budget band is narrower than one level step."""
+    if space.budget.over_budget != "project":
+        return
+    need = min_tolerance(space, units, weights)
+    if space.budget.tolerance < need - _EPS:
+        raise ConfigError(
+            f"search space {space.name!r}: budget.tolerance {space.budget.tolerance:g} is too tight for "
+            f"over_budget: project (one level step moves the mean sparsity by up to {2 * need:.4g}); "
+            f"set budget.tolerance >= {math.ceil(round(need * 1e4, 6)) / 1e4:g}"
+        )
+
+
+def fit_to_budget(policy: PruningPolicy, space: SearchSpace, weights: Mapping[str, int]) -> PruningPolicy:
+    """The policy a trial scores: projected ("project"), repaired ("repair"), or as sampled (otherwise)."""
+    mode = space.budget.over_budget
+    if mode == "project":
+        return project(policy, space, weights)
+    if mode == "repair":
+        return repair(policy, space, weights)
+    return policy
+
+
+def policy_indices(policy: PruningPolicy, space: SearchSpace) -> dict[str, int]:
+    """`{unit: index of its level}` for a policy on the space's levels (what a trial's params hold)."""
+    out: dict[str, int] = {}
+    for unit, ratio in policy.ratios:
+        levels = space.levels_for(unit)
+        k = _nearest_index(levels, ratio)
+        if abs(levels[k] - ratio) > 1e-6:
+            raise PolicyError(f"unit {unit!r} ratio {ratio:g} is not one of its levels; project the policy first")
+        out[unit] = k
+    return out

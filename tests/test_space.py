@@ -138,7 +138,7 @@ def test_with_unit_levels_merges_and_validates() -> None:
 def test_space_from_dict_defaults() -> None:
     space = space_from_dict({"granularity": "sublayer", "levels": [0.5, 0.0, 0.5], "budget": {"target": 0.3}})
     assert space.levels == (0.0, 0.5)  # sorted, unique
-    assert (space.method, space.pattern, space.budget.over_budget) == ("sparsegpt", "unstructured", "repair")
+    assert (space.method, space.pattern, space.budget.over_budget) == ("sparsegpt", "unstructured", "project")  # issue 8: budget-exact scoring is the default
 
 
 # -- budget and repair ----------------------------------------------------------------------------

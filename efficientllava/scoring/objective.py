@@ -1,4 +1,10 @@
-"""The policy objective: few-shot accuracy minus the SRM generalisation-gap penalty, under a budget."""
+"""The policy objective: a few-shot fidelity signal minus the SRM generalisation-gap penalty, at the budget.
+
+objective = fidelity value - lam * SRM gap (- a shortfall penalty when over_budget is "penalize"),
+where the fidelity value is the few-shot accuracy, the mean log-likelihood of the right answer, or
+minus the KL divergence of the pruned from the dense model (`objective.fidelity`, see
+`scoring.fidelity`). Every signal is recorded in every trial, whichever one the objective uses.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +18,22 @@ import torch
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.bank import VariantBank
 from efficientllava.pruning.materialize import Materializer
-from efficientllava.scoring.accuracy import evaluate_accuracy
 from efficientllava.scoring.cost import CostModel, measure_latency
+from efficientllava.scoring.fidelity import DenseReference, check_fidelity, dense_reference, evaluate_fidelity
 from efficientllava.scoring.srm import SRMConfig, capacity, generalization_gap, log_norm_ratios
-from efficientllava.space import Budget, budget_status
+from efficientllava.space import Budget
 
-REJECTED = -1.0  # objective of a rejected over-budget policy (below any accuracy - penalty)
+DEFAULT_FIDELITY = "kl"
+REJECTED = -1e6  # objective of a rejected over-budget policy (below any fidelity - penalty: KL is unbounded)
 
 
 @dataclass(frozen=True)
 class TrialScore:
     """Every term of one policy's score, recorded separately per trial."""
 
-    objective: float  # accuracy - lam * gap - budget penalty (what the search maximises)
+    objective: float  # fidelity_value - lam * gap - budget penalty (what the search maximises)
     accuracy: float  # few-shot accuracy (NaN when rejected unevaluated)
-    soft_accuracy: float  # mean probability of the right option: a smoother few-shot signal, recorded only
+    soft_accuracy: float  # mean probability of the right answer
     gap: float  # SRM generalisation-gap bound
     capacity: float  # rho(pi): pruned capacity relative to dense, in (0, 1]
     lam: float
@@ -39,6 +46,11 @@ class TrialScore:
     n_samples: int
     eval_s: float
     latency_s: float | None = None
+    fidelity: str = DEFAULT_FIDELITY  # which signal the objective uses
+    fidelity_value: float = math.nan  # that signal, higher is better (accuracy, loglik or -kl)
+    loglik: float = math.nan  # mean log-likelihood of the right answer (nats)
+    kl: float = math.nan  # mean KL(dense || pruned) of the answer distributions (nats)
+    labelled: bool = True  # False: accuracy is agreement with the dense model's answers
 
     def as_dict(self) -> dict[str, Any]:
         """Flat dict of the terms (for tune.report and trial tables)."""
@@ -46,19 +58,33 @@ class TrialScore:
 
 
 class PolicyScorer:
-    """Scores policies on one model + few-shot set: materialise from the bank, evaluate, restore."""
+    """Scores policies on one model + few-shot set: materialise from the bank, evaluate, restore.
+
+    The dense model's answer distributions (for KL) are computed on the first `score`, before any
+    policy is applied, and reused: a scorer belongs to one model state (one projector).
+    """
 
     def __init__(self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], bank: VariantBank,
-                 budget: Budget | None, srm: SRMConfig, cost_model: CostModel):
+                 budget: Budget | None, srm: SRMConfig, cost_model: CostModel, fidelity: str = DEFAULT_FIDELITY):
         self.model = model
         self.batches = batches
         self.bank = bank
         self.budget = budget  # None: no budget (plain evaluation of a policy)
         self.srm = srm
         self.cost_model = cost_model
+        self.fidelity = check_fidelity(fidelity)
         self.weights = cost_model.unit_param_counts()
         self.materializer = Materializer(model, bank)
-        self.n_samples = sum(len(b["answers"]) for b in batches)
+        self.n_samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+        self._reference: DenseReference | None = None
+
+    @property
+    def reference(self) -> DenseReference:
+        """The dense model's distributions on the few-shot batches (computed on first use)."""
+        if self._reference is None:
+            self.materializer.restore()  # the reference must come from the dense weights
+            self._reference = dense_reference(self.model, self.batches)
+        return self._reference
 
     def gap(self, policy: PruningPolicy) -> tuple[float, float]:
         """(capacity, SRM gap) of `policy`, from the bank's stored norms (no materialisation)."""
@@ -72,20 +98,27 @@ class PolicyScorer:
         cost = self.cost_model.cost(policy)
         mean = policy.mean_sparsity(self.weights)
         budget = self.budget
-        within = budget is None or budget_status(policy, budget, self.weights)[1]
+        within = budget is None or budget.satisfied(mean)
         cap, gap = self.gap(policy)
         penalty = budget.shortfall_penalty(mean) if budget is not None and budget.over_budget == "penalize" else 0.0
         rejected = budget is not None and not within and budget.over_budget == "reject"
+        nan = math.nan
+        terms = {"accuracy": nan, "soft_accuracy": nan, "loglik": nan, "kl": nan, "fidelity_value": nan}
+        eval_s, lat, labelled = 0.0, None, True
         if rejected:  # not evaluated: scored below any evaluated policy, graded by how far it misses
-            accuracy, soft, eval_s, lat = math.nan, math.nan, 0.0, None
             objective = REJECTED - (budget.floor - mean)  # type: ignore[union-attr]
         else:
+            reference = self.reference
             with self.materializer.applied(policy):
-                result = evaluate_accuracy(self.model, self.batches)
+                result = evaluate_fidelity(self.model, self.batches, reference)
                 lat = measure_latency(self.model, self.batches[:1]) if latency else None
-            accuracy, soft, eval_s = result.accuracy, result.soft_accuracy, result.seconds
-            objective = accuracy - self.srm.lam * gap - penalty
-        return TrialScore(objective=objective, accuracy=accuracy, soft_accuracy=soft, gap=gap, capacity=cap, lam=self.srm.lam,
+            value = result.value(self.fidelity)
+            terms = {"accuracy": result.accuracy, "soft_accuracy": result.soft_accuracy, "loglik": result.loglik,
+                     "kl": result.kl, "fidelity_value": value}
+            eval_s, labelled = result.seconds, result.labelled
+            objective = value - self.srm.lam * gap - penalty
+        return TrialScore(objective=objective, **terms, gap=gap, capacity=cap, lam=self.srm.lam,
                           mean_sparsity=mean, kept_fraction=cost.kept_fraction, within_budget=within,
                           budget_penalty=penalty, flops_per_sample=cost.flops_per_sample,
-                          flops_speedup=cost.flops_speedup, n_samples=self.n_samples, eval_s=eval_s, latency_s=lat)
+                          flops_speedup=cost.flops_speedup, n_samples=self.n_samples, eval_s=eval_s, latency_s=lat,
+                          fidelity=self.fidelity, labelled=labelled)

@@ -1,0 +1,166 @@
+"""Strong known allocations at a budget: uniform, OWL, depth slopes, attention/MLP splits.
+
+Each is a rule that gives every prunable unit a sparsity ratio from a few numbers; each result is
+projected onto the space's levels and its budget band (`space.project`), so it is a policy a
+trial can score as is. They are what a search must beat, and what round 0 starts from
+(`seed_policies`): a searched policy that one of them beats at the same budget is a defect of
+the search.
+
+- uniform: every unit at the target (SparseGPT's and Wanda's default).
+- OWL (Yin et al., ICML 2024, "outlier-weighted layerwise sparsity"): per decoder layer, the
+  outlier ratio D_l = share of the layer's weights whose |W_ij| * ||X_j||_2 exceeds M times the
+  layer's mean of that score (M = 5); D is min-max normalised to [0, 2 lambda] and the layer's
+  sparsity is target - (D_l - mean D), lambda = 0.08 (the paper's defaults), so outlier-rich
+  layers are pruned less. OWL is layerwise: every unit of a layer gets the layer's ratio.
+- depth slopes (ATP, Huang et al., ICML 2025): sparsity linear in depth,
+  r_l = target + spread * (l / (L - 1) - 1/2); ATP finds rising slopes near optimal for LLMs;
+  falling ones are included too (a vision-language model's first layers read the image tokens).
+- attention/MLP splits: attention units at a, MLP units at a + diff, with a chosen so the
+  weighted mean is the target (needs sublayer or matrix granularity).
+
+Units are anything with `name`, `layer` and `part` (e.g. `pruning.units.PrunableUnit`); parts
+"attn", "q", "k", "v", "o" count as attention and "mlp", "gate", "up", "down" as MLP, so the
+rules hold at any granularity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from efficientllava.errors import ConfigError, PolicyError
+from efficientllava.policy import PruningPolicy
+from efficientllava.space import SearchSpace, project
+
+ATTN_PARTS = frozenset({"attn", "q", "k", "v", "o"})
+MLP_PARTS = frozenset({"mlp", "gate", "up", "down"})
+OWL_M = 5.0  # outlier threshold: a score above M x the layer mean is an outlier (OWL's README setting)
+OWL_LAMBDA = 0.08  # half the spread of OWL's layer sparsities (OWL's default)
+_TOP = 0.999  # continuous ratios are clipped below 1 before projection onto the levels
+
+
+class UnitLike(Protocol):
+    """A prunable unit: its name, decoder layer and part ("all", "attn", "mlp", "q", ..., "down")."""
+
+    @property
+    def name(self) -> str: ...  # noqa: D102
+
+    @property
+    def layer(self) -> int: ...  # noqa: D102
+
+    @property
+    def part(self) -> str: ...  # noqa: D102
+
+
+def _policy(ratios: Mapping[str, float], units: Sequence[UnitLike], space: SearchSpace,
+            weights: Mapping[str, int]) -> PruningPolicy:
+    """Continuous ratios -> the nearest policy on the levels within the budget band."""
+    raw = PruningPolicy(tuple((u.name, min(max(ratios[u.name], 0.0), _TOP)) for u in units))
+    return project(raw, space, weights)
+
+
+def uniform(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int]) -> PruningPolicy:
+    """Every unit at the budget's target (projected onto the levels and the band)."""
+    return _policy({u.name: space.budget.target for u in units}, units, space, weights)
+
+
+def depth_slope(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int],
+                spread: float) -> PruningPolicy:
+    """Sparsity linear in depth: `spread` from the first to the last layer (> 0 rising), centred on the target."""
+    layers = sorted({u.layer for u in units})
+    span = max(len(layers) - 1, 1)
+    pos = {layer: i / span - 0.5 for i, layer in enumerate(layers)}
+    return _policy({u.name: space.budget.target + spread * pos[u.layer] for u in units}, units, space, weights)
+
+
+def attn_mlp_split(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int],
+                   diff: float) -> PruningPolicy:
+    """Attention units at a, MLP units at a + `diff`, with a such that the weighted mean is the target."""
+    attn = [u for u in units if u.part in ATTN_PARTS]
+    mlp = [u for u in units if u.part in MLP_PARTS]
+    if not attn or not mlp or len(attn) + len(mlp) != len(units):
+        raise ConfigError("an attention/MLP split needs sublayer or matrix granularity")
+    total = sum(weights[u.name] for u in units)
+    a = space.budget.target - diff * sum(weights[u.name] for u in mlp) / total
+    return _policy({u.name: a + (diff if u.part in MLP_PARTS else 0.0) for u in units}, units, space, weights)
+
+
+def owl(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int], outliers: Mapping[int, float],
+        lam: float = OWL_LAMBDA) -> PruningPolicy:
+    """OWL: layer sparsity target - (D_l - mean D), D = outlier ratios min-max scaled to [0, 2 lam]."""
+    layers = sorted({u.layer for u in units})
+    missing = [layer for layer in layers if layer not in outliers]
+    if missing:
+        raise PolicyError(f"no OWL outlier ratio for layer {missing[0]}")
+    raw = [outliers[layer] for layer in layers]
+    lo, hi = min(raw), max(raw)
+    scaled = [(d - lo) / (hi - lo) * 2 * lam if hi > lo else 0.0 for d in raw]
+    mean = math.fsum(scaled) / len(scaled)
+    by_layer = {layer: space.budget.target - (s - mean) for layer, s in zip(layers, scaled, strict=True)}
+    return _policy({u.name: by_layer[u.layer] for u in units}, units, space, weights)
+
+
+@torch.no_grad()
+def owl_outlier_ratios(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], units: Sequence[Any],
+                       m: float = OWL_M) -> dict[int, float]:
+    """OWL's per-layer outlier ratio (%) from the few-shot inputs: share of |W| * ||X||_2 above m x its mean.
+
+    `units` must carry `linears` (full module names, as `pruning.units.prunable_units` gives); all
+    linears of a layer are pooled, whatever the granularity.
+    """
+    from efficientllava.pruning.calibrate import collect_stats
+
+    by_layer: dict[int, list[str]] = {}
+    for u in units:
+        by_layer.setdefault(u.layer, []).extend(u.linears)
+    out: dict[int, float] = {}
+    batches = list(batches)
+    for layer, names in sorted(by_layer.items()):
+        stats = collect_stats(model, batches, names, need_hessian=False)
+        scores = []
+        for name in names:
+            linear = model.get_submodule(name)
+            assert isinstance(linear, torch.nn.Linear)
+            weight = linear.weight.detach().float()
+            scores.append((weight.abs() * stats[name].col_sq_norm.to(weight.device).sqrt()[None, :]).flatten())
+        flat = torch.cat(scores)
+        out[layer] = float((flat > m * flat.mean()).float().mean()) * 100.0
+    return out
+
+
+def room(space: SearchSpace, units: Sequence[UnitLike]) -> float:
+    """How far every unit can move from the target within its levels: min(target - lowest, highest - target)."""
+    target = space.budget.target
+    return max(min(min(target - min(space.levels_for(u.name)), max(space.levels_for(u.name)) - target)
+                   for u in units), 0.0)
+
+
+def seed_policies(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int],
+                  outliers: Mapping[int, float] | None = None,
+                  multiples: Sequence[float] = (-2.0, -1.0, 1.0, 2.0)) -> list[tuple[str, PruningPolicy]]:
+    """Named strong starting points at the budget, best-known first, duplicates dropped.
+
+    uniform; OWL (when `outliers`, from `owl_outlier_ratios`, are given); depth slopes and
+    attention/MLP splits whose spread is each of `multiples` x `room(space, units)` (the distance
+    every unit can move from the target within its levels). Round 0 enqueues these.
+    """
+    out: list[tuple[str, PruningPolicy]] = [("uniform", uniform(space, units, weights))]
+    if outliers is not None:
+        out.append(("owl", owl(space, units, weights, outliers)))
+    r = room(space, units)
+    if r > 0:
+        for k in multiples:
+            out.append((f"slope{k * r:+.3f}", depth_slope(space, units, weights, k * r)))
+        if {u.part for u in units} - {"all"}:
+            for k in multiples:
+                out.append((f"split{k * r:+.3f}", attn_mlp_split(space, units, weights, k * r)))
+    seen: set[str] = set()
+    unique = []
+    for name, policy in out:
+        if policy.key not in seen:
+            seen.add(policy.key)
+            unique.append((name, policy))
+    return unique

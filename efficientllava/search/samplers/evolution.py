@@ -1,0 +1,263 @@
+"""A budget-preserving evolutionary sampler in the spirit of EvoPress, as an Optuna sampler.
+
+EvoPress (Sieberling et al., ICML 2025) searches per-unit compression levels with a (1 + lambda)
+evolution: each offspring is the current best point with a few level swaps, one unit a level
+up and another a level down, so every candidate keeps the compression budget, and the best
+point (parent included) survives. Here it is an Optuna `BaseSampler`, so it runs through the
+same OptunaSearch / Ray Tune path as TPE:
+
+- every new trial is an offspring of the best COMPLETE trial of the study so far (of one of the
+  best `parents` ones, drawn at random, when `parents` > 1); before any trial completes, of the
+  starting point: every parameter at the level nearest the budget target, projected into the band;
+- a mutation is 1 to `max_swaps` swaps (the count biased to small, as EvoPress draws it:
+  min of two uniform draws); each swap moves one parameter a level up and another a level down.
+  Parameters carry different weights (a unit's parameter count), so a swap can move the
+  weighted mean by a fraction of a step; when that leaves the budget band
+  (target +- tolerance), the other parameters are moved back into it with the fewest weighted
+  level steps (`space.project_indices`). No offspring leaves the band;
+- an offspring already in the study (any state) is redrawn, so concurrent trials differ;
+- randomness comes from `seed` and the trial number only, so a sequential search is
+  reproducible and concurrent workers never share a draw. Enqueued trials (seed points) run as
+  given and become parents like any other.
+
+The sampler reads the space as data: `space.params`, each with `name`, `low`, `high`, `levels`
+(the ratio each value means, or None for the value itself) and `weight` (the unit's parameter
+count), and `space.budget` with `target` and `tolerance` (or None: no budget, swaps only).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import optuna
+from optuna.distributions import BaseDistribution, IntDistribution
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from efficientllava.errors import ConfigError, PolicyError
+from efficientllava.space import project_indices
+
+try:  # the engine's sampler registry; until it lands, this module is used directly
+    from efficientllava.search.samplers import register_sampler  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - transitional shim
+    def register_sampler(name: str, **_: Any) -> Any:  # type: ignore[misc]
+        """No registry yet: leave the factory as it is."""
+        return lambda factory: factory
+
+_EPS = 1e-9
+_ATTEMPTS = 64  # offspring drawn before accepting one already in the study
+
+
+class ParamLike(Protocol):
+    """One integer parameter of the space (see efficientllava.search.api.Param)."""
+
+    name: str
+    low: int
+    high: int
+    levels: tuple[float, ...] | None
+    weight: float
+
+
+class BudgetLike(Protocol):
+    """The budget band: target +- tolerance of the weighted mean level."""
+
+    target: float
+    tolerance: float
+
+
+class SpaceLike(Protocol):
+    """A round's space as data (see efficientllava.search.api.Space)."""
+
+    @property
+    def params(self) -> Sequence[ParamLike]: ...  # noqa: D102
+
+    @property
+    def budget(self) -> BudgetLike | None: ...  # noqa: D102
+
+
+@dataclass(frozen=True)
+class LevelParam:
+    """A plain ParamLike (for callers without the engine's Space)."""
+
+    name: str
+    low: int
+    high: int
+    levels: tuple[float, ...] | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class LevelBudget:
+    """A plain BudgetLike."""
+
+    target: float
+    tolerance: float = 0.0
+
+
+@dataclass(frozen=True)
+class LevelSpace:
+    """A plain SpaceLike."""
+
+    params: tuple[LevelParam, ...]
+    budget: LevelBudget | None = None
+
+
+class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
+    """(1 + lambda) evolution over level indices whose mutations never leave the budget band."""
+
+    def __init__(self, space: SpaceLike, seed: int | None = None, *, max_swaps: int = 3, parents: int = 1) -> None:
+        if isinstance(max_swaps, bool) or not isinstance(max_swaps, int) or max_swaps < 1:
+            raise ConfigError(f"evolution max_swaps {max_swaps!r} must be an integer >= 1")
+        if isinstance(parents, bool) or not isinstance(parents, int) or parents < 1:
+            raise ConfigError(f"evolution parents {parents!r} must be an integer >= 1")
+        self._names = [p.name for p in space.params]
+        self._low = [p.low for p in space.params]
+        self._levels = [tuple(p.levels) if p.levels is not None else tuple(float(v) for v in range(p.low, p.high + 1))
+                        for p in space.params]
+        self._weights = [float(p.weight) for p in space.params]
+        budget = space.budget
+        self._band = None if budget is None else (budget.target - budget.tolerance, budget.target + budget.tolerance)
+        self._seed = random.SystemRandom().randrange(2**31) if seed is None else int(seed)
+        self._max_swaps = max_swaps
+        self._parents = parents
+        self._fallback = optuna.samplers.RandomSampler(seed=self._seed)
+        self._start = self._start_point()
+
+    # -- Optuna sampler API -------------------------------------------------------------------
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        """Every parameter of the space, sampled jointly."""
+        return {n: IntDistribution(lo, lo + len(lv) - 1)
+                for n, lo, lv in zip(self._names, self._low, self._levels, strict=True)}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        """An offspring of the best completed trial (or of the starting point), inside the budget band."""
+        if trial.system_attrs.get("fixed_params"):  # an enqueued point: evaluated as given
+            return {}
+        rng = random.Random(f"{self._seed}/{trial.number}")
+        parent = self._parent(study, rng)
+        seen = self._seen(study)
+        child = parent
+        for _ in range(_ATTEMPTS):
+            child = self._mutate(parent, rng)
+            if tuple(child) not in seen:
+                break
+        return {n: lo + k for n, lo, k in zip(self._names, self._low, child, strict=True) if n in search_space}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        """A parameter outside the space given at construction: drawn at random."""
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def reseed_rng(self) -> None:
+        """Nothing to reseed: each trial's draws come from (seed, trial number), never shared."""
+
+    # -- evolution ----------------------------------------------------------------------------
+    def _mean(self, idx: Sequence[int]) -> float:
+        return math.fsum(w * lv[k] for w, lv, k in zip(self._weights, self._levels, idx, strict=True)) / math.fsum(
+            self._weights)
+
+    def in_band(self, idx: Sequence[int]) -> bool:
+        """Whether level indices (0-based per parameter) meet the budget band."""
+        if self._band is None:
+            return True
+        lo, hi = self._band
+        return lo - _EPS <= self._mean(idx) <= hi + _EPS
+
+    def _project(self, idx: list[int], frozen: Sequence[int] = ()) -> list[int]:
+        if self._band is None:
+            return idx
+        lo, hi = self._band
+        return project_indices(self._levels, idx, self._weights, lo, hi, frozen=frozen, names=self._names)
+
+    def _start_point(self) -> list[int]:
+        """Every parameter at the level nearest the target, projected into the band."""
+        if self._band is None:
+            idx = [len(lv) // 2 for lv in self._levels]
+        else:
+            target = self._band[0] / 2 + self._band[1] / 2
+            idx = [_nearest(lv, target) for lv in self._levels]
+        try:
+            return self._project(idx)
+        except PolicyError as exc:
+            raise ConfigError(f"search.sampler=evolution: {exc}") from None
+
+    def _indices(self, trial: FrozenTrial) -> list[int] | None:
+        """A trial's 0-based level indices, or None when it lacks a parameter or is off the space."""
+        out = []
+        for n, lo, lv in zip(self._names, self._low, self._levels, strict=True):
+            v = trial.params.get(n)
+            if not isinstance(v, int) or not 0 <= v - lo < len(lv):
+                return None
+            out.append(v - lo)
+        return out
+
+    def _parent(self, study: optuna.Study, rng: random.Random) -> list[int]:
+        """The best completed point (one of the best `parents`), projected into the band; else the start."""
+        sign = 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
+        done = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            idx = self._indices(t)
+            if idx is not None and t.values and math.isfinite(t.values[0]):
+                done.append((-sign * t.values[0], t.number, idx))
+        if not done:
+            return list(self._start)
+        done.sort(key=lambda x: (x[0], x[1]))
+        idx = rng.choice(done[: self._parents])[2]
+        if self.in_band(idx):
+            return idx
+        try:
+            return self._project(idx)
+        except PolicyError:
+            return list(self._start)
+
+    def _seen(self, study: optuna.Study) -> set[tuple[int, ...]]:
+        seen = set()
+        for t in study.get_trials(deepcopy=False):
+            idx = self._indices(t)
+            if idx is not None:
+                seen.add(tuple(idx))
+        return seen
+
+    def _mutate(self, parent: list[int], rng: random.Random) -> list[int]:
+        """1..max_swaps swaps of one level between two parameters, then back into the band if needed."""
+        child = list(parent)
+        n = len(child)
+        swaps = min(rng.randint(1, self._max_swaps), rng.randint(1, self._max_swaps))
+        touched: list[int] = []
+        for _ in range(swaps):
+            ups = [i for i in range(n) if child[i] + 1 < len(self._levels[i])]
+            downs = [i for i in range(n) if child[i] > 0]
+            if not ups or not downs or n < 2:
+                break
+            i = rng.choice(ups)
+            downs = [j for j in downs if j != i]
+            if not downs:
+                break
+            j = rng.choice(downs)
+            child[i] += 1
+            child[j] -= 1
+            touched += [i, j]
+        if self.in_band(child):
+            return child
+        for frozen in (touched, []):  # compensate with the other parameters first
+            try:
+                return self._project(child, frozen=frozen)
+            except PolicyError:
+                continue
+        return list(parent)
+
+
+def _nearest(levels: Sequence[float], value: float) -> int:
+    """Index of the level nearest `value` (the lower one on a tie)."""
+    return min(range(len(levels)), key=lambda i: (abs(levels[i] - value), i))
+
+
+@register_sampler("evolution")
+def make_evolution(search: Any, seed: int, space: SpaceLike) -> optuna.samplers.BaseSampler:
+    """The budget-preserving evolutionary sampler (one parent: EvoPress's elitist (1 + lambda))."""
+    return BudgetEvolutionSampler(space, seed)
