@@ -85,6 +85,9 @@ def test_unlabelled_choice_batches_score_agreement_with_dense(tiny) -> None:
     with materializer.applied(PruningPolicy.uniform(UNITS, 0.9)):
         pruned = evaluate_fidelity(model, unlabelled, reference)
     assert pruned.accuracy < 1.0 and pruned.kl > 0
+    _, _, opened, _, _ = tiny
+    marked = [{**b, "labelled": torch.tensor(False)} for b in opened]
+    assert not dense_reference(model, marked).labelled and dense_reference(model, opened).labelled
 
 
 def test_open_ended_logits_are_the_teacher_forced_ones(tiny) -> None:

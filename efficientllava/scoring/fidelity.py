@@ -14,6 +14,8 @@ Two batch kinds (see `efficientllava.prompting`):
   letters at the answer position (`scoring.accuracy.option_logits`); the target is `answers`
   (the right option's index). A batch without `answers` is unlabelled: the dense model's own
   choice is the target, so accuracy reads as agreement with the dense model (`labelled` False).
+  Either kind may carry `labelled` (a 0-dim bool tensor): False marks targets that are not
+  ground truth (e.g. the dense model's own generated answers of an unlabelled open-ended set).
 - open ended (`answer_ids`: answer tokens then EOS, -100 padding; position `answer_pos + j`
   predicts `answer_ids[:, j]`): teacher forced, the next-token distributions over the whole
   vocabulary at the answer positions. Log-likelihood is the answer's (sum over its tokens),
@@ -141,9 +143,11 @@ def dense_reference(model: Any, batches: list[dict[str, torch.Tensor]]) -> Dense
             n += logprobs.shape[0]
         else:
             logprobs = _open_logprobs(model, batch)
-            labelled = True  # unlabelled open-ended data arrives with the dense model's own answers as targets
+            labelled = True
             targets = batch["answer_ids"][batch["answer_ids"] != IGNORE]
             n += batch["answer_ids"].shape[0]
+        if "labelled" in batch:
+            labelled = labelled and bool(batch["labelled"])
         out.append(_Reference(logprobs, targets, labelled))
     return DenseReference(tuple(out), n)
 

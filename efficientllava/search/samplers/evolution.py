@@ -10,7 +10,10 @@ same OptunaSearch / Ray Tune path as TPE:
   best `parents` ones, drawn at random, when `parents` > 1); before any trial completes, of the
   starting point: every parameter at the level nearest the budget target, projected into the band;
 - a mutation is 1 to `max_swaps` swaps (the count biased to small, as EvoPress draws it:
-  min of two uniform draws); each swap moves one parameter a level up and another a level down.
+  min of two uniform draws); each swap moves one parameter up and another down by the same
+  number of levels, 1 to `max_step` (drawn the same way). EvoPress moves one level per swap over
+  400 generations x 64 offspring; a search of ~50 trials needs longer moves (on the tiny model,
+  exploratory runs of benchmarks/search_quality.py: 3 levels beat 1 and 5 at both budgets).
   Parameters carry different weights (a unit's parameter count), so a swap can move the
   weighted mean by a fraction of a step; when that leaves the budget band
   (target +- tolerance), the other parameters are moved back into it with the fewest weighted
@@ -109,11 +112,11 @@ class LevelSpace:
 class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
     """(1 + lambda) evolution over level indices whose mutations never leave the budget band."""
 
-    def __init__(self, space: SpaceLike, seed: int | None = None, *, max_swaps: int = 3, parents: int = 1) -> None:
-        if isinstance(max_swaps, bool) or not isinstance(max_swaps, int) or max_swaps < 1:
-            raise ConfigError(f"evolution max_swaps {max_swaps!r} must be an integer >= 1")
-        if isinstance(parents, bool) or not isinstance(parents, int) or parents < 1:
-            raise ConfigError(f"evolution parents {parents!r} must be an integer >= 1")
+    def __init__(self, space: SpaceLike, seed: int | None = None, *, max_swaps: int = 3, max_step: int = 3,
+                 parents: int = 1) -> None:
+        for name, value in (("max_swaps", max_swaps), ("max_step", max_step), ("parents", parents)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"evolution {name} {value!r} must be an integer >= 1")
         self._names = [p.name for p in space.params]
         self._low = [p.low for p in space.params]
         self._levels = [tuple(p.levels) if p.levels is not None else tuple(float(v) for v in range(p.low, p.high + 1))
@@ -123,6 +126,7 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
         self._band = None if budget is None else (budget.target - budget.tolerance, budget.target + budget.tolerance)
         self._seed = random.SystemRandom().randrange(2**31) if seed is None else int(seed)
         self._max_swaps = max_swaps
+        self._max_step = max_step
         self._parents = parents
         self._fallback = optuna.samplers.RandomSampler(seed=self._seed)
         self._start = self._start_point()
@@ -239,8 +243,9 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
             if not downs:
                 break
             j = rng.choice(downs)
-            child[i] += 1
-            child[j] -= 1
+            step = min(rng.randint(1, self._max_step), rng.randint(1, self._max_step))
+            child[i] = min(child[i] + step, len(self._levels[i]) - 1)
+            child[j] = max(child[j] - step, 0)
             touched += [i, j]
         if self.in_band(child):
             return child
