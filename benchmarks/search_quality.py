@@ -108,14 +108,19 @@ def methods(fidelity: str, sampler: str, lam: float) -> list[Method]:
         Method("OWL", "fixed"),
         Method("best depth slope", "sweep", fidelity=fidelity, lam=lam),
         Method("best attn/MLP split", "sweep", fidelity=fidelity, lam=lam),
-        Method(f"random / {fidelity}", "search", "random", fidelity, lam, seeded=False),
-        Method("tpe / accuracy, repair (previous default)", "search", "tpe", "accuracy", 1.0, "repair", seeded=False),
-        Method(f"tpe / {fidelity}", "search", "tpe", fidelity, lam),
-        Method(f"gp / {fidelity}", "search", "gp", fidelity, lam),
+        Method(f"random / {fidelity} / lam {lam:g}", "search", "random", fidelity, lam, seeded=False),
+        Method("tpe / accuracy / lam 1, repair (previous default)", "search", "tpe", "accuracy", 1.0, "repair",
+               seeded=False),
+        Method(f"tpe / {fidelity} / lam {lam:g}", "search", "tpe", fidelity, lam),
+        Method(f"gp / {fidelity} / lam {lam:g}", "search", "gp", fidelity, lam),
     ]
     for fid in ("accuracy", "loglik", "kl"):
-        rows.append(Method(f"evolution / {fid}", "search", "evolution", fid, lam))
-    rows.append(Method(f"reference: {sampler} / {fidelity} x10", "search", sampler, fidelity, lam, scale=10))
+        rows.append(Method(f"evolution / {fid} / lam {lam:g}", "search", "evolution", fid, lam))
+    for other in (0.0, 1.0):
+        if other != lam:
+            rows.append(Method(f"{sampler} / {fidelity} / lam {other:g}", "search", sampler, fidelity, other))
+    rows.append(Method(f"reference: {sampler} / {fidelity} / lam {lam:g}, 10x trials", "search", sampler, fidelity,
+                       lam, scale=10))
     return rows
 
 
@@ -311,7 +316,7 @@ def main() -> None:
                     + f" ({time.perf_counter() - start:.0f}s)", flush=True)
             del draw, pipe
     report(results, resel, fidsel, rows, budgets, lams, default, args)
-    print(f"total {time.perf_counter() - start:.0f}s")
+    print(f"total {time.perf_counter() - start:.0f}s wall, {time.process_time():.0f}s CPU")
 
 
 def _sd(values: list[float]) -> float:
