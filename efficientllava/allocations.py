@@ -164,3 +164,18 @@ def seed_policies(space: SearchSpace, units: Sequence[UnitLike], weights: Mappin
             seen.add(policy.key)
             unique.append((name, policy))
     return unique
+
+
+def seed_points(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], space: SearchSpace,
+                weights: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """Round 0's named seed points as level indices of `space` (run where the model and few-shot set are).
+
+    The model's units at the space's granularity, OWL's outlier ratios from `batches`, then
+    `seed_policies`; each point is `{unit: index of its level}`, what a trial's params hold.
+    """
+    from efficientllava.pruning.units import prunable_units
+    from efficientllava.space import policy_indices
+
+    units = prunable_units(model, space.granularity)
+    outliers = owl_outlier_ratios(model, batches, units)
+    return {name: policy_indices(policy, space) for name, policy in seed_policies(space, units, weights, outliers)}

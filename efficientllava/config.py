@@ -18,7 +18,7 @@ from efficientllava.errors import ConfigError, ResourceError
 from efficientllava.scoring import FIDELITIES
 
 DEFAULT_PROBLEM = "efficientllava.problem:PruningProblem"
-SAMPLERS = ("tpe", "random", "nsga2")
+SAMPLERS = ("tpe", "random", "nsga2", "evolution")
 AGGREGATES = ("geometric_mean", "mean", "min")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 

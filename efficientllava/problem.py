@@ -16,7 +16,9 @@ import optuna
 import pandas as pd
 import ray
 
+from efficientllava.allocations import seed_points
 from efficientllava.config import ExperimentConfig
+from efficientllava.errors import PolicyError
 from efficientllava.evolution import describe_evolution, evolve_space
 from efficientllava.experiment import ExperimentDir
 from efficientllava.models.loading import resolve_spec
@@ -27,8 +29,12 @@ from efficientllava.pruning.bank import VariantBank, bank_bytes
 from efficientllava.scoring.objective import PolicyScorer
 from efficientllava.scoring.srm import SRMConfig
 from efficientllava.search.problem import RoundState
+from efficientllava.search.samplers.evolution import LevelBudget, LevelParam, LevelSpace
 from efficientllava.search.study import STATUS_OK, open_study
-from efficientllava.space import SearchSpace, dump_space, fit_to_budget, load_space, uniform_level
+from efficientllava.space import SearchSpace, dump_space, fit_to_budget, load_space, policy_indices
+
+MODEL_FILE = "model.json"  # facts about the model the driver needs without loading it (unit parameter counts)
+SEEDS_FROM_PREVIOUS_ROUND = 3  # a round > 0 starts from this many of the previous round's best policies
 
 
 def srm_config(cfg: ExperimentConfig) -> SRMConfig:
@@ -98,10 +104,16 @@ def run_heavy(cfg: ExperimentConfig, fn: Any, *args: Any) -> Any:
 
 
 def prepare_round(cfg: ExperimentConfig, root: str, state: RoundState) -> dict[str, Any]:
-    """Build (or find) the variant bank of a round so that trials only open it."""
+    """Build (or find) the variant bank of a round so that trials only open it; round 0 also gets its seed points."""
     start = time.perf_counter()
-    bank = open_round(cfg, root, state.projector_path, state.projector_version, state.space_path)[2]
-    return {"bank": str(bank.root), "bank_bytes": bank_bytes(bank.root), "seconds": time.perf_counter() - start}
+    pipeline, space, bank = open_round(cfg, root, state.projector_path, state.projector_version, state.space_path)
+    info: dict[str, Any] = {"bank": str(bank.root), "bank_bytes": bank_bytes(bank.root),
+                            "seconds": time.perf_counter() - start}
+    if state.round == 0:
+        weights = pipeline.cost_model(space.granularity).unit_param_counts()
+        info["unit_params"] = weights
+        info["seeds"] = seed_points(pipeline.model, pipeline.fewshot_batches, space, weights)
+    return info
 
 
 def advance_round(cfg: ExperimentConfig, root: str, state: RoundState, top: list[dict[str, float]]) -> RoundState:
@@ -184,17 +196,26 @@ class PruningProblem:
         space = resolved_space(load_space(self.config.space), num_layers_of(self.config.model.spec))
         path = dump_space(space, self.root / "spaces" / "round-0.yaml")
         state = RoundState(0, 0, None, str(path))
-        if self.config.search.uniform_first:
-            # The baseline is the first trial: it sits in the trial table, and TPE starts from it.
-            units = [u for u, _ in space.unit_levels]
-            uniform = {u: space.levels_for(u).index(uniform_level(space, u)) for u in units}
-            study = open_study(ExperimentDir(self.root), 0)
-            if not study.trials:  # a start killed before state.json was written must not enqueue it twice
-                study.enqueue_trial(uniform, user_attrs={"baseline": "uniform"})
         info = run_heavy(self.config, prepare_round, self.config, str(self.root), state)
+        (self.root / MODEL_FILE).write_text(json.dumps({"unit_params": info["unit_params"]}))
+        if self.config.search.uniform_first:
+            # The baseline, then the known allocations (allocations.seed_policies), are the first trials: they
+            # sit in the trial table, and the sampler starts from them.
+            study = open_study(ExperimentDir(self.root), 0)
+            if not study.trials:  # a start killed before state.json was written must not enqueue them twice
+                # At most half the round, so the sampler has trials of its own.
+                for name, point in list(info["seeds"].items())[: max(1, self.config.search.trials_per_round // 2)]:
+                    study.enqueue_trial(point, user_attrs={"baseline": name})
         print(f"[round 0] variant bank ready: {info['bank']} ({info['bank_bytes'] / 2**20:.1f} MiB, "
-              f"{info['seconds']:.1f}s)", flush=True)
+              f"{info['seconds']:.1f}s); {len(info['seeds'])} seed points", flush=True)
         return state
+
+    def sampler_space(self, state: RoundState) -> LevelSpace:
+        """The round's space as data (levels, unit parameter counts, budget band) for budget-aware samplers."""
+        space = self._space(state.space_path)
+        weights = json.loads((self.root / MODEL_FILE).read_text())["unit_params"]
+        params = tuple(LevelParam(u, 0, len(levels) - 1, levels, float(weights[u])) for u, levels in space.unit_levels)
+        return LevelSpace(params, LevelBudget(space.budget.target, space.budget.tolerance))
 
     def after_round(self, state: RoundState, trials: pd.DataFrame) -> RoundState:
         """Projector optimisation under this round's top policies, then space evolution."""
@@ -203,7 +224,19 @@ class PruningProblem:
         cols = [c for c in ok.columns if c.startswith("policy/")]
         k = max(self.config.projector.top_k, self.config.evolution.top_k)
         top = [{c.split("/", 1)[1]: float(row[c]) for c in cols} for _, row in ok.head(k).iterrows()]
-        return run_heavy(self.config, advance_round, self.config, str(self.root), state, top)
+        nxt = run_heavy(self.config, advance_round, self.config, str(self.root), state, top)
+        # The next round starts from this round's best policies (on its evolved levels), not from scratch.
+        study = open_study(ExperimentDir(self.root), nxt.round)
+        if not study.trials:
+            space = self._space(nxt.space_path)
+            keep = min(SEEDS_FROM_PREVIOUS_ROUND, max(1, self.config.search.trials_per_round // 2))
+            for rank, policy in enumerate(top[:keep]):
+                try:
+                    point = policy_indices(PruningPolicy.from_mapping(policy), space)
+                except PolicyError:  # a level the evolved space dropped
+                    continue
+                study.enqueue_trial(point, user_attrs={"baseline": f"round-{state.round}-top{rank + 1}"})
+        return nxt
 
 
 

@@ -20,6 +20,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from efficientllava.config import ExperimentConfig, SearchConfig
+from efficientllava.errors import ConfigError
 from efficientllava.experiment import ExperimentDir
 from efficientllava.search.problem import METRIC, MODE, RoundState
 
@@ -44,8 +45,17 @@ def study_name(r: int) -> str:
     return f"round-{r}"
 
 
-def make_sampler(search: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """The configured Optuna sampler (TPE: multivariate, constant liar for concurrent trials)."""
+def make_sampler(search: SearchConfig, seed: int, space: Any = None) -> optuna.samplers.BaseSampler:
+    """The configured Optuna sampler (TPE: multivariate, constant liar for concurrent trials).
+
+    `space` (levels, unit weights and budget as data) is what the budget-preserving evolution needs.
+    """
+    if search.sampler == "evolution":  # until the sampler registry (engine) replaces this function
+        from efficientllava.search.samplers.evolution import make_evolution
+
+        if space is None:
+            raise ConfigError("search.sampler=evolution needs a problem with a sampler_space(state) method")
+        return make_evolution(search, seed, space)
     if search.sampler == "tpe":
         return optuna.samplers.TPESampler(
             multivariate=True, constant_liar=True, n_startup_trials=search.n_startup_trials, seed=seed
@@ -149,7 +159,7 @@ def make_searcher(cfg: ExperimentConfig, exp: ExperimentDir, state: RoundState, 
         space=DefineSpace(cfg, str(exp.root), state, problem),
         metric=METRIC,
         mode=MODE,
-        sampler=make_sampler(cfg.search, seed),
+        sampler=make_sampler(cfg.search, seed, _sampler_space(cfg, exp, state, problem)),
         study_name=study_name(state.round),
         storage=storage,
         experiment_root=str(exp.root),
@@ -157,6 +167,18 @@ def make_searcher(cfg: ExperimentConfig, exp: ExperimentDir, state: RoundState, 
     )
     # Without the limiter Tune asks for many trials at once and TPE runs far past n_startup_trials at random.
     return ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
+
+
+def _sampler_space(cfg: ExperimentConfig, exp: ExperimentDir, state: RoundState, problem: Any) -> Any:
+    """The round's space as data, for samplers that need it (None otherwise, or when the problem has none)."""
+    if cfg.search.sampler != "evolution":
+        return None
+    if problem is None:
+        from efficientllava.search.trainable import build_problem
+
+        problem = build_problem(cfg, exp.root)
+    fn = getattr(problem, "sampler_space", None)
+    return fn(state) if callable(fn) else None
 
 
 @dataclass(frozen=True)
