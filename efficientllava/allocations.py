@@ -18,9 +18,9 @@ the search.
 - attention/MLP splits: attention units at a, MLP units at a + diff, with a chosen so the
   weighted mean is the target (needs sublayer or matrix granularity).
 
-Units are anything with `name`, `layer` and `part` (e.g. `pruning.units.PrunableUnit`); parts
-"attn", "q", "k", "v", "o" count as attention and "mlp", "gate", "up", "down" as MLP, so the
-rules hold at any granularity.
+Units are unit names (`layer.3`, `layer.3.attn`, `layer.3.q`, ...) or anything with `name`,
+`layer` and `part` (e.g. `pruning.units.PrunableUnit`); a unit is attention or MLP by the roles
+its part covers (`pruning.units.PART_ROLES`), so the rules hold at every granularity.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import torch
 
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.policy import PruningPolicy
-from efficientllava.space import SearchSpace, project
+from efficientllava.pruning.units import PART_ROLES, PrunableUnit, parse_unit
+from efficientllava.space import SearchSpace, policy_indices, project
 
-ATTN_PARTS = frozenset({"attn", "q", "k", "v", "o"})
-MLP_PARTS = frozenset({"mlp", "gate", "up", "down"})
+ATTN_PARTS = frozenset(p for p, roles in PART_ROLES.items() if set(roles) <= set(PART_ROLES["attn"]))
+MLP_PARTS = frozenset(p for p, roles in PART_ROLES.items() if set(roles) <= set(PART_ROLES["mlp"]))
 OWL_M = 5.0  # outlier threshold: a score above M x the layer mean is an outlier (OWL's README setting)
 OWL_LAMBDA = 0.08  # half the spread of OWL's layer sparsities (OWL's default)
 _TOP = 0.999  # continuous ratios are clipped below 1 before projection onto the levels
@@ -55,6 +56,21 @@ class UnitLike(Protocol):
     def part(self) -> str: ...  # noqa: D102
 
 
+Units = Sequence[UnitLike] | Sequence[str]
+
+
+def _units(units: Units) -> list[UnitLike]:
+    """Unit objects for names (via `pruning.units.parse_unit`) or objects, in the given order."""
+    out: list[UnitLike] = []
+    for u in units:
+        if isinstance(u, str):
+            layer, part = parse_unit(u)
+            out.append(PrunableUnit(u, layer, part, ()))
+        else:
+            out.append(u)
+    return out
+
+
 def _policy(ratios: Mapping[str, float], units: Sequence[UnitLike], space: SearchSpace,
             weights: Mapping[str, int]) -> PruningPolicy:
     """Continuous ratios -> the nearest policy on the levels within the budget band."""
@@ -62,23 +78,26 @@ def _policy(ratios: Mapping[str, float], units: Sequence[UnitLike], space: Searc
     return project(raw, space, weights)
 
 
-def uniform(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int]) -> PruningPolicy:
+def uniform(space: SearchSpace, units: Units, weights: Mapping[str, int]) -> PruningPolicy:
     """Every unit at the budget's target (projected onto the levels and the band)."""
+    units = _units(units)
     return _policy({u.name: space.budget.target for u in units}, units, space, weights)
 
 
-def depth_slope(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int],
+def depth_slope(space: SearchSpace, units: Units, weights: Mapping[str, int],
                 spread: float) -> PruningPolicy:
     """Sparsity linear in depth: `spread` from the first to the last layer (> 0 rising), centred on the target."""
+    units = _units(units)
     layers = sorted({u.layer for u in units})
     span = max(len(layers) - 1, 1)
     pos = {layer: i / span - 0.5 for i, layer in enumerate(layers)}
     return _policy({u.name: space.budget.target + spread * pos[u.layer] for u in units}, units, space, weights)
 
 
-def attn_mlp_split(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int],
+def attn_mlp_split(space: SearchSpace, units: Units, weights: Mapping[str, int],
                    diff: float) -> PruningPolicy:
     """Attention units at a, MLP units at a + `diff`, with a such that the weighted mean is the target."""
+    units = _units(units)
     attn = [u for u in units if u.part in ATTN_PARTS]
     mlp = [u for u in units if u.part in MLP_PARTS]
     if not attn or not mlp or len(attn) + len(mlp) != len(units):
@@ -88,9 +107,10 @@ def attn_mlp_split(space: SearchSpace, units: Sequence[UnitLike], weights: Mappi
     return _policy({u.name: a + (diff if u.part in MLP_PARTS else 0.0) for u in units}, units, space, weights)
 
 
-def owl(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int], outliers: Mapping[int, float],
+def owl(space: SearchSpace, units: Units, weights: Mapping[str, int], outliers: Mapping[int, float],
         lam: float = OWL_LAMBDA) -> PruningPolicy:
     """OWL: layer sparsity target - (D_l - mean D), D = outlier ratios min-max scaled to [0, 2 lam]."""
+    units = _units(units)
     layers = sorted({u.layer for u in units})
     missing = [layer for layer in layers if layer not in outliers]
     if missing:
@@ -131,14 +151,14 @@ def owl_outlier_ratios(model: torch.nn.Module, batches: Iterable[dict[str, torch
     return out
 
 
-def room(space: SearchSpace, units: Sequence[UnitLike]) -> float:
+def room(space: SearchSpace, units: Units) -> float:
     """How far every unit can move from the target within its levels: min(target - lowest, highest - target)."""
     target = space.budget.target
     return max(min(min(target - min(space.levels_for(u.name)), max(space.levels_for(u.name)) - target)
-                   for u in units), 0.0)
+                   for u in _units(units)), 0.0)
 
 
-def seed_policies(space: SearchSpace, units: Sequence[UnitLike], weights: Mapping[str, int],
+def seed_policies(space: SearchSpace, units: Units, weights: Mapping[str, int],
                   outliers: Mapping[int, float] | None = None,
                   multiples: Sequence[float] = (-2.0, -1.0, 1.0, 2.0)) -> list[tuple[str, PruningPolicy]]:
     """Named strong starting points at the budget, best-known first, duplicates dropped.
@@ -147,6 +167,7 @@ def seed_policies(space: SearchSpace, units: Sequence[UnitLike], weights: Mappin
     attention/MLP splits whose spread is each of `multiples` x `room(space, units)` (the distance
     every unit can move from the target within its levels). Round 0 enqueues these.
     """
+    units = _units(units)
     out: list[tuple[str, PruningPolicy]] = [("uniform", uniform(space, units, weights))]
     if outliers is not None:
         out.append(("owl", owl(space, units, weights, outliers)))
@@ -174,7 +195,6 @@ def seed_points(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
     `seed_policies`; each point is `{unit: index of its level}`, what a trial's params hold.
     """
     from efficientllava.pruning.units import prunable_units
-    from efficientllava.space import policy_indices
 
     units = prunable_units(model, space.granularity)
     outliers = owl_outlier_ratios(model, batches, units)

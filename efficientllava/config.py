@@ -43,7 +43,7 @@ class ObjectiveConfig:
     """The fitness: a few-shot fidelity signal minus lam x the SRM generalisation-gap penalty."""
 
     fidelity: str = field(default="kl", metadata=_rule(choices=FIDELITIES))  # accuracy | loglik | kl
-    lam: float = field(default=1.0, metadata=_rule(ge=0))
+    lam: float = field(default=0.0, metadata=_rule(ge=0))  # 0: the SRM term did not help (benchmarks/search_quality.py)
     delta: float = field(default=0.05, metadata=_rule(gt=0, le=1))
     scale: float = field(default=1.0, metadata=_rule(gt=0))
     aggregate: str = field(default="geometric_mean", metadata=_rule(choices=AGGREGATES))

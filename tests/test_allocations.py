@@ -57,9 +57,9 @@ def test_attn_mlp_splits(diff: float) -> None:
 
 def test_attn_mlp_split_at_matrix_granularity_groups_matrix_types() -> None:
     parts = ("q", "k", "v", "o", "gate", "up", "down")
-    units = [PrunableUnit(f"layer.{i}.{p}", i, p, ()) for i in range(2) for p in parts]
-    weights = {u.name: 16384 if u.part in "qkvo" else 32768 for u in units}
-    space = SearchSpace("sublayer", LEVELS, Budget(0.92, tolerance=0.001))  # levels/budget only are read
+    units = [f"layer.{i}.{p}" for i in range(2) for p in parts]  # names work as well as unit objects
+    weights = {u: 16384 if u.split(".")[-1] in "qkvo" else 32768 for u in units}
+    space = SearchSpace("matrix", LEVELS, Budget(0.92, tolerance=0.001))
     policy = attn_mlp_split(space, units, weights, 0.1)
     assert space.budget.in_band(policy.mean_sparsity(weights))
     assert {policy.ratio(f"layer.0.{p}") for p in "qkvo"} == {0.86}
@@ -98,6 +98,7 @@ def test_seed_policies_are_named_unique_and_at_the_budget() -> None:
     assert len({p.key for _, p in seeds}) == len(seeds)
     assert any(n.startswith("slope") for n in names) and any(n.startswith("split") for n in names)
     assert all(_in_band(p) for _, p in seeds)
+    assert seed_policies(SPACE, [u.name for u in UNITS], WEIGHTS, outliers) == seeds
     layer_seeds = seed_policies(LAYER_SPACE, LAYER_UNITS, LAYER_WEIGHTS)
     assert not any(n.startswith(("split", "owl")) for n, _ in layer_seeds)
     assert room(SPACE, UNITS) == pytest.approx(0.06)
