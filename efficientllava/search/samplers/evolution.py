@@ -42,6 +42,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from efficientllava.errors import ConfigError, PolicyError
+from efficientllava.pruning.units import PART_ROLES, parse_unit
 from efficientllava.space import project_indices
 
 try:  # the engine's sampler registry; until it lands, this module is used directly
@@ -113,10 +114,12 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
     """(1 + lambda) evolution over level indices whose mutations never leave the budget band."""
 
     def __init__(self, space: SpaceLike, seed: int | None = None, *, max_swaps: int = 3, max_step: int = 3,
-                 parents: int = 1) -> None:
+                 parents: int = 1, group_moves: float = 0.5) -> None:
         for name, value in (("max_swaps", max_swaps), ("max_step", max_step), ("parents", parents)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"evolution {name} {value!r} must be an integer >= 1")
+        if isinstance(group_moves, bool) or not isinstance(group_moves, (int, float)) or not 0 <= group_moves <= 1:
+            raise ConfigError(f"evolution group_moves {group_moves!r} must be a number in [0, 1]")
         self._names = [p.name for p in space.params]
         self._low = [p.low for p in space.params]
         self._levels = [tuple(p.levels) if p.levels is not None else tuple(float(v) for v in range(p.low, p.high + 1))
@@ -128,6 +131,8 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
         self._max_swaps = max_swaps
         self._max_step = max_step
         self._parents = parents
+        self._group_moves = float(group_moves)
+        self._groups = unit_groups(self._names)
         self._fallback = optuna.samplers.RandomSampler(seed=self._seed)
         self._start = self._start_point()
 
@@ -228,25 +233,34 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
         return seen
 
     def _mutate(self, parent: list[int], rng: random.Random) -> list[int]:
-        """1..max_swaps swaps of one level between two parameters, then back into the band if needed."""
+        """1..max_swaps swaps between two parameters (or two groups of them), then back into the band if needed."""
         child = list(parent)
         n = len(child)
         swaps = min(rng.randint(1, self._max_swaps), rng.randint(1, self._max_swaps))
         touched: list[int] = []
         for _ in range(swaps):
-            ups = [i for i in range(n) if child[i] + 1 < len(self._levels[i])]
-            downs = [i for i in range(n) if child[i] > 0]
-            if not ups or not downs or n < 2:
-                break
-            i = rng.choice(ups)
-            downs = [j for j in downs if j != i]
-            if not downs:
-                break
-            j = rng.choice(downs)
             step = min(rng.randint(1, self._max_step), rng.randint(1, self._max_step))
-            child[i] = min(child[i] + step, len(self._levels[i]) - 1)
-            child[j] = max(child[j] - step, 0)
-            touched += [i, j]
+            if self._groups and rng.random() < self._group_moves:
+                up_group = rng.choice(self._groups)
+                others = [g for g in self._groups if not set(g) & set(up_group)]
+                if not others:
+                    continue
+                ups, downs = list(up_group), list(rng.choice(others))
+            else:
+                movable_up = [i for i in range(n) if child[i] + 1 < len(self._levels[i])]
+                movable_down = [i for i in range(n) if child[i] > 0]
+                if not movable_up or not movable_down or n < 2:
+                    break
+                i = rng.choice(movable_up)
+                movable_down = [j for j in movable_down if j != i]
+                if not movable_down:
+                    break
+                ups, downs = [i], [rng.choice(movable_down)]
+            for i in ups:
+                child[i] = min(child[i] + step, len(self._levels[i]) - 1)
+            for j in downs:
+                child[j] = max(child[j] - step, 0)
+            touched += ups + downs
         if self.in_band(child):
             return child
         for frozen in (touched, []):  # compensate with the other parameters first
@@ -255,6 +269,23 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
             except PolicyError:
                 continue
         return list(parent)
+
+
+def unit_groups(names: Sequence[str]) -> list[tuple[int, ...]]:
+    """Indices of parameters that form a unit group: a layer's units, a layer's attention or MLP
+    matrices, one part across layers (e.g. every `attn`, every `q`). Only groups of 2 or more; none
+    when the names are not unit names (`pruning.units.parse_unit`)."""
+    try:
+        parsed = [parse_unit(n) for n in names]
+    except ConfigError:
+        return []
+    keys: dict[tuple[str, object], list[int]] = {}
+    for i, (layer, part) in enumerate(parsed):
+        block = "attn" if part in PART_ROLES["attn"] else "mlp" if part in PART_ROLES["mlp"] else part
+        for key in (("layer", layer), ("block", (layer, block)), ("part", part)):
+            keys.setdefault(key, []).append(i)
+    groups = {tuple(v) for v in keys.values() if len(v) > 1}
+    return sorted(groups)
 
 
 def _nearest(levels: Sequence[float], value: float) -> int:
