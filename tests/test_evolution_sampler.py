@@ -110,7 +110,8 @@ def test_no_budget_means_swaps_only_and_factory() -> None:
     assert len(study.trials) == 10
 
 
-@pytest.mark.parametrize("kwargs, match", [({"max_swaps": 0}, "max_swaps"), ({"parents": 0}, "parents")])
+@pytest.mark.parametrize("kwargs, match", [({"max_swaps": 0}, "max_swaps"), ({"parents": 0}, "parents"),
+                                           ({"max_step": 0}, "max_step"), ({"group_moves": 1.5}, "group_moves")])
 def test_bad_options_are_one_line_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as err:
         BudgetEvolutionSampler(SPACE, 0, **kwargs)
@@ -121,3 +122,23 @@ def test_unreachable_band_is_a_config_error() -> None:
     space = LevelSpace(PARAMS, LevelBudget(0.99, 0.001))
     with pytest.raises(ConfigError, match="evolution"):
         BudgetEvolutionSampler(space, 0)
+
+
+def test_unit_groups_and_group_moves_stay_in_band() -> None:
+    from efficientllava.pruning.units import unit_names
+    from efficientllava.search.samplers.evolution import unit_groups
+
+    names = unit_names(2, "matrix")
+    groups = [[names[i] for i in g] for g in unit_groups(names)]
+    assert ["layer.0.q", "layer.0.k", "layer.0.v", "layer.0.o"] in groups  # a layer's attention matrices
+    assert ["layer.0.q", "layer.1.q"] in groups  # one matrix type across layers
+    assert names[:7] in groups  # a whole layer
+    assert unit_groups(["u0", "u1"]) == []  # not unit names: single-parameter swaps only
+    weights = {n: 1.0 if n.split(".")[-1] in "qkvo" else 2.0 for n in names}
+    space = LevelSpace(tuple(LevelParam(n, 0, 14, LEVELS, weights[n]) for n in names), LevelBudget(0.92, 0.001))
+    study = optuna.create_study(direction="maximize",
+                                sampler=BudgetEvolutionSampler(space, 0, group_moves=1.0))
+    study.optimize(lambda t: -float(sum(t.suggest_int(n, 0, 14) * (i % 3) for i, n in enumerate(names))),
+                   n_trials=40)
+    assert all(_in_band(t.params, space) for t in study.trials)
+    assert study.best_value > study.trials[0].value  # type: ignore[operator]
