@@ -73,8 +73,8 @@ class Budget:
     """Cost constraint on the parameter-weighted mean sparsity: at least target - tolerance.
 
     `over_budget` says what a trial does with a policy that misses it: "project" (the default) moves
-    every policy, under or over the budget, into the band target +- tolerance with the fewest
-    weighted level steps (see `project`), so every trial prunes exactly as much as asked, up to the
+    every policy, under or over the budget, into the band target +- tolerance by the smallest change
+    of its levels (see `project`), so every trial prunes exactly as much as asked, up to the
     tolerance; "repair" only raises under-budget policies (see `repair`); "penalize" subtracts
     `penalty * shortfall` from the objective; "reject" scores it as failed.
     """

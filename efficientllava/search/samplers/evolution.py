@@ -14,10 +14,15 @@ same OptunaSearch / Ray Tune path as TPE:
   number of levels, 1 to `max_step` (drawn the same way). EvoPress moves one level per swap over
   400 generations x 64 offspring; a search of ~50 trials needs longer moves (on the tiny model,
   exploratory runs of benchmarks/search_quality.py: 3 levels beat 1 and 5 at both budgets).
+  With probability `group_moves` a swap moves a group of units instead of one: a layer, a
+  layer's attention or MLP matrices, or one part across layers (`unit_groups`, from the unit
+  names). At matrix granularity (42 units on the tiny model, 224 on a 7B one) single-matrix swaps
+  are too small a step for ~50 trials; group swaps are the depth-slope and attention/MLP-split
+  moves of the known allocations, made locally;
   Parameters carry different weights (a unit's parameter count), so a swap can move the
   weighted mean by a fraction of a step; when that leaves the budget band
-  (target +- tolerance), the other parameters are moved back into it with the fewest weighted
-  level steps (`space.project_indices`). No offspring leaves the band;
+  (target +- tolerance), the other parameters are moved back into it by the smallest change of
+  their levels (`space.project_indices`). No offspring leaves the band;
 - an offspring already in the study (any state) is redrawn, so concurrent trials differ;
 - randomness comes from `seed` and the trial number only, so a sequential search is
   reproducible and concurrent workers never share a draw. Enqueued trials (seed points) run as
