@@ -42,7 +42,8 @@ def test_shipped_spaces_load() -> None:
         space = load_space(SPACES / f"{name}.yaml")
         assert space.name == name and space.granularity == "sublayer"
         assert len(space.levels) == 17 and space.levels[1] == 0.05 and space.levels[-1] == 0.8
-        assert (space.percdamp, space.blocksize, space.budget.target) == (0.01, 128, 0.5)
+        opts = space.method_options
+        assert (opts.percdamp, opts.blocksize, space.budget.target) == (0.01, 128, 0.5)
         assert len(space.unit_names(layers)) == 2 * layers
 
 

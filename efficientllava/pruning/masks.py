@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from efficientllava.errors import PolicyError
+from efficientllava.pruning.patterns import Pattern
 
 
 def lowest_mask(scores: Tensor, k: int) -> Tensor:
@@ -34,3 +36,37 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
             f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}: use unstructured"
         )
     return lowest_mask(scores.reshape(rows, cols // m, m), n).reshape(rows, cols)
+
+
+def _ranks(scores: Tensor) -> Tensor:
+    """Position of each entry in the stable ascending sort of its last dim (ties: lower index first)."""
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks
+
+
+def level_index(scores: Tensor, levels: Sequence[float], pattern: Pattern, per_row: bool) -> Tensor:
+    """uint8 [out, in]: how many of the ascending `levels` keep each weight, pruning the lowest scores first.
+
+    At level j (1-based) the kept weights are exactly `index >= j`, and the pruned ones are those
+    `lowest_mask` gives: floor(s*numel) per matrix, floor(s*in) per row if `per_row`, or the n lowest
+    of every m consecutive weights of a row for an N:M pattern. So masks nest across levels.
+    """
+    if len(levels) > 255:
+        raise PolicyError(f"{len(levels)} levels do not fit a uint8 level index (at most 255)")
+    rows, cols = scores.shape
+    if pattern.is_nm:
+        if cols % pattern.m:
+            raise PolicyError(f"N:M pattern {pattern} needs in_features divisible by {pattern.m}, got {cols}")
+        groups, counts = scores.reshape(rows, cols // pattern.m, pattern.m), [pattern.n for _ in levels]
+    elif per_row:
+        groups, counts = scores, [math.floor(s * cols) for s in levels]
+    else:
+        groups, counts = scores.reshape(-1), [math.floor(s * scores.numel()) for s in levels]
+    bounds = torch.tensor(counts, dtype=torch.int64, device=scores.device)
+    if bool((bounds[1:] < bounds[:-1]).any()):
+        raise ValueError(f"levels {tuple(levels)} are not ascending")
+    # number of levels whose pruned count is <= the weight's rank = number of levels that keep it
+    index = torch.bucketize(_ranks(groups), bounds, right=True, out_int32=True)
+    return index.to(torch.uint8).reshape(rows, cols)
