@@ -21,7 +21,8 @@ from efficientllava.pruning.bank import (
     open_bank,
     open_or_build,
 )
-from efficientllava.pruning.bank.compact import pack_mask, unpack_mask
+from efficientllava.pruning.bank.compact import pack_mask, pack_mask_torch, unpack_mask, unpack_mask_torch
+from efficientllava.pruning.bank.nested import keep_where, keep_where_torch
 from efficientllava.pruning.calibrate import collect_stats
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.pruning.methods import get_method, prune_prepared
@@ -59,11 +60,26 @@ def _prepared(model, batches, method, names) -> dict[str, dict[str, torch.Tensor
     return {n: method.prepare(stats[n]) for n in names}
 
 
-def test_pack_mask_round_trip():
+def test_pack_mask_round_trip_and_torch_twins():
     mask = torch.rand(7, 13, generator=torch.Generator().manual_seed(0)) > 0.4
     packed = pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
     assert torch.equal(unpack_mask(packed, mask.numel()).view(7, 13), mask)
+    # the torch versions (used on GPUs) give the same bytes and bits
+    assert torch.equal(pack_mask_torch(mask.reshape(-1)), packed)
+    assert torch.equal(unpack_mask_torch(packed, mask.numel()), mask.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_keep_where_paths_agree_bit_exactly(dtype):
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(16, 24, generator=g).to(dtype)
+    index = torch.randint(0, 5, (16, 24), generator=g, dtype=torch.uint8)
+    want = torch.where(index >= 3, dense, torch.zeros((), dtype=dtype))
+    for fn in (keep_where, keep_where_torch):
+        out = torch.full_like(dense, 7.0)
+        fn(out, dense, index, 3)
+        assert torch.equal(out.view(torch.uint8), want.view(torch.uint8)), fn  # bits, so +0.0 not -0.0
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "obs_mask"])

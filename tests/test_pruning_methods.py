@@ -9,7 +9,7 @@ import torch
 
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.pruning.calibrate import LayerStats
-from efficientllava.pruning.masks import nm_mask, unstructured_mask
+from efficientllava.pruning.masks import level_index, nm_mask, unstructured_mask
 from efficientllava.pruning.methods import get_method, prune_weight
 from efficientllava.pruning.methods.sparsegpt import sparsegpt_prune
 from efficientllava.pruning.patterns import Pattern
@@ -211,3 +211,17 @@ def test_pattern_round_trip_and_hessian_need():
     assert Pattern.parse("2:4").is_nm and not Pattern().is_nm
     assert [get_method(m).stats == "hessian" for m in METHODS] == [True, False, False, True]
     assert [get_method(m).nested for m in METHODS] == [False, True, True, True]
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_level_index_agrees_with_lowest_mask_on_ties_signs_and_zeros(per_row):
+    """The radix-sorted level index prunes exactly what the float sort does, -0.0 == +0.0 included."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (6, 16), generator=g).float() * 0.5
+    scores[0, :4] = -0.0
+    levels = [i / 16 for i in range(1, 16)]
+    index = level_index(scores, levels, Pattern(), per_row)
+    for k, level in enumerate(levels, start=1):
+        assert torch.equal(index < k, unstructured_mask(scores, level, per_row)), level
+    nm = level_index(scores, [0.5], Pattern(2, 4), False)
+    assert torch.equal(nm < 1, nm_mask(scores, 2, 4))

@@ -38,12 +38,13 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     return lowest_mask(scores.reshape(rows, cols // m, m), n).reshape(rows, cols)
 
 
-def _ranks(scores: Tensor) -> Tensor:
-    """Position of each entry in the stable ascending sort of its last dim (ties: lower index first)."""
-    order = torch.sort(scores, dim=-1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return ranks
+def _sort_keys(scores: Tensor) -> Tensor:
+    """int32 keys whose signed order is the float order of `scores` (-0.0 counts as +0.0).
+
+    Sorting the keys is a radix sort, several times faster on CPU than sorting the floats.
+    """
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def level_index(scores: Tensor, levels: Sequence[float], pattern: Pattern, per_row: bool) -> Tensor:
@@ -51,7 +52,8 @@ def level_index(scores: Tensor, levels: Sequence[float], pattern: Pattern, per_r
 
     At level j (1-based) the kept weights are exactly `index >= j`, and the pruned ones are those
     `lowest_mask` gives: floor(s*numel) per matrix, floor(s*in) per row if `per_row`, or the n lowest
-    of every m consecutive weights of a row for an N:M pattern. So masks nest across levels.
+    of every m consecutive weights of a row for an N:M pattern (ties: lower index first). So masks
+    nest across levels.
     """
     if len(levels) > 255:
         raise PolicyError(f"{len(levels)} levels do not fit a uint8 level index (at most 255)")
@@ -64,9 +66,14 @@ def level_index(scores: Tensor, levels: Sequence[float], pattern: Pattern, per_r
         groups, counts = scores, [math.floor(s * cols) for s in levels]
     else:
         groups, counts = scores.reshape(-1), [math.floor(s * scores.numel()) for s in levels]
-    bounds = torch.tensor(counts, dtype=torch.int64, device=scores.device)
-    if bool((bounds[1:] < bounds[:-1]).any()):
+    if any(b < a for a, b in zip(counts, counts[1:], strict=False)):
         raise ValueError(f"levels {tuple(levels)} are not ascending")
-    # number of levels whose pruned count is <= the weight's rank = number of levels that keep it
-    index = torch.bucketize(_ranks(groups), bounds, right=True, out_int32=True)
-    return index.to(torch.uint8).reshape(rows, cols)
+    # The weight at sorted position p (lowest first) is kept by the levels whose pruned count is <= p.
+    size = groups.shape[-1]
+    by_position = torch.zeros(size, dtype=torch.uint8, device=scores.device)
+    for count in counts:
+        by_position[count:] += 1
+    order = torch.sort(_sort_keys(groups), dim=-1, stable=True).indices
+    index = torch.empty(groups.shape, dtype=torch.uint8, device=scores.device)
+    index.scatter_(-1, order, by_position.expand(groups.shape))
+    return index.reshape(rows, cols)

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,8 +56,22 @@ def calib_file(layer: int) -> str:
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> uint8 [ceil(numel / 8)], bit b of byte i = element 8i + b."""
+    """Bool tensor -> uint8 [ceil(numel / 8)], bit b of byte i = element 8i + b (numpy's little bit order)."""
     flat = mask.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    return pack_mask_torch(flat)
+
+
+def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack_mask`: a flat bool tensor of `numel` elements, on `packed`'s device."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(bool))
+    return unpack_mask_torch(packed, numel)
+
+
+def pack_mask_torch(flat: torch.Tensor) -> torch.Tensor:
+    """`pack_mask` in torch ops (any device)."""
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -64,8 +79,8 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return bits.sum(-1, dtype=torch.uint8)
 
 
-def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of `pack_mask`: a flat bool tensor of `numel` elements, on `packed`'s device."""
+def unpack_mask_torch(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """`unpack_mask` in torch ops (any device)."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     return ((packed.unsqueeze(-1) >> shifts) & 1).view(-1)[:numel].bool()
 
