@@ -8,8 +8,8 @@ Builds a random-weight `LlavaForConditionalGeneration` (small CLIP tower, a wide
 fresh process that loads the checkpoint (so peak memory is per method): builds the bank of the 7B space's
 levels (0 and 16 levels 0.05..0.8, sublayer units) from generated calibration inputs (random tokens and
 pixels), then measures bank build time, bank bytes / dense linear bytes (every file counted, calibration
-state separately), materialise time of a policy against a plain copy of the same weights (median over
-levels), and peak RSS. SparseGPT's bank is lazy: its calibration state is stored for all layers, and every
+state separately), materialise time of a policy against a plain copy of the same weights (one thread, back to
+back, median ratio over levels 0.2/0.5/0.8), and peak RSS. SparseGPT's bank is lazy: its calibration state is stored for all layers, and every
 level of the first `--sparsegpt-units` units is built (a 2048-wide attention unit at 16 levels takes about
 a minute of CPU; its per-weight bytes are the whole bank's); the full build time is estimated from the
 measured seconds per (rows x cols^2) of the built units. Then it prints the measured table, and the
@@ -130,6 +130,9 @@ def measure_method(method: str, ckpt: str, args: argparse.Namespace, banks: str)
     row["manifest_bytes"] = bank.nbytes().get("manifest", 0)
 
     names = [n for u in built for n in u.linears]
+    # One thread for both: they are memory-bound, and on a shared machine OpenMP's thread sync inflates a
+    # two-thread copy more than the (single-threaded numpy) select; single-threaded, the ratio is fair.
+    torch.set_num_threads(1)
     copies, applies, ratios = [], [], []
     for rep in range(args.repeats):  # copy and apply timed back to back, so load changes hit both alike
         policy = PruningPolicy.from_mapping({u.name: (0.2, 0.5, 0.8)[rep % 3] for u in built})

@@ -121,3 +121,16 @@ def bank_calib(model, batches, name, method):
     if method.stats == "none":
         return {}
     return method.prepare(collect_stats(model, batches, [name], need_hessian=method.stats == "hessian")[name])
+
+
+def test_a_module_class_reference_reaches_workers_that_never_imported_the_method():
+    """What a Ray worker does: read `method: module:Class` from the space file and import it."""
+    ref = f"{__name__}:LargestFirst"
+    space = space_from_dict({"granularity": "layer", "levels": [0.0, 0.5], "budget": {"target": 0.25},
+                             "method": ref})
+    assert space.method == ref and isinstance(space.pruning_method, LargestFirst)
+    assert space_from_dict(space.to_dict()) == space
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        get_method("no_such_module_xyz:Thing")
+    with pytest.raises(ConfigError, match="not a PruningMethod"):
+        get_method(f"{__name__}:ShrinkOptions")

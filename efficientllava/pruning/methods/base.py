@@ -15,6 +15,7 @@ statistics, which is what keeps a lazily built bank's calibration state small.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -148,10 +149,24 @@ def method_names() -> tuple[str, ...]:
 
 
 def method_class(name: str) -> type[PruningMethod]:
-    """The registered class of `name`; ConfigError listing the known names otherwise."""
+    """The class of a registered name, or of a `module:Class` reference (imported, so it registers itself).
+
+    A reference lets a method defined outside the package reach every Ray worker: the worker imports
+    the module when it reads the space, so no other file needs to know the method.
+    """
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str) and ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"pruning method {name!r} cannot be imported ({exc})") from None
+        if not (isinstance(obj, type) and issubclass(obj, PruningMethod)):
+            raise ConfigError(f"pruning method {name!r} is not a PruningMethod subclass")
+        cls = obj
     if cls is None:
-        raise ConfigError(f"pruning method {name!r} is unknown: use one of {', '.join(method_names())}")
+        raise ConfigError(f"pruning method {name!r} is unknown: use one of {', '.join(method_names())}, "
+                          "or a module:Class reference")
     return cls
 
 
