@@ -67,6 +67,11 @@ def build_checkpoint(path: Path, small: bool, layers: int, dtype: torch.dtype) -
     return sum(p.numel() for p in model.parameters())
 
 
+def _size(nbytes: float) -> str:
+    """Bytes as GiB, or MiB below 1 GiB."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -101,7 +106,7 @@ def banks_and_materialise(ckpt: Path, device: str, dtype: str, work: Path) -> No
     units = prunable_units(pipe.model, "sublayer")
     weights = {n: pipe.model.get_submodule(n).weight for u in units for n in u.linears}
     dense_bytes = sum(w.numel() * w.element_size() for w in weights.values())
-    say("model", f"{pipe.num_layers} decoder layers, {dense_bytes / 2**30:.2f} GiB of prunable linears, {dev}, "
+    say("model", f"{pipe.num_layers} decoder layers, {_size(dense_bytes)} of prunable linears, {dev}, "
                  f"{pipe.loaded.dtype}")
     levels16 = tuple(round(0.05 * i, 2) for i in range(17))
     for method in ("wanda", "sparsegpt"):
@@ -121,13 +126,13 @@ def banks_and_materialise(ckpt: Path, device: str, dtype: str, work: Path) -> No
             _sync(dev)
             built_s = time.perf_counter() - t0
             built_bytes = sum(weights[n].numel() * weights[n].element_size() for u in units[:2] for n in u.linears)
-            say("bank sparsegpt", f"calibration state {sizes['calibration'] / 2**30:.2f} GiB in {build_s:.1f} s; "
+            say("bank sparsegpt", f"calibration state {_size(sizes['calibration'])} in {build_s:.1f} s; "
                                   f"32 variants of {units[0].name}/{units[1].name} in {built_s:.1f} s; variants "
                                   f"{bank.nbytes()['variants'] / built_bytes:.2f}x their dense bytes at 16 levels "
                                   f"(dense layout: 16x)")
             del mat
         else:
-            say(f"bank {method}", f"all 16 levels in {build_s:.1f} s, {sizes['variants'] / 2**30:.2f} GiB = "
+            say(f"bank {method}", f"all 16 levels in {build_s:.1f} s, {_size(sizes['variants'])} = "
                                   f"{sizes['variants'] / dense_bytes:.2f}x the dense linear bytes (dense layout: 16x)")
     bank = build_bank(pipe.model, pipe.fewshot_batches, BankSpec("sublayer", tuple((u.name, LEVELS) for u in units),
                                                                  "wanda"), work / "bank-wanda-4")
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             layers = auto_layers(torch.device(args.device)) if args.layers == "auto" else int(args.layers)
         t0 = time.perf_counter()
         params = build_checkpoint(work / "ckpt", args.small, layers, dtype)
-        say("checkpoint", f"{params / 1e9:.2f} B parameters, {'small' if args.small else f'{layers} x (4096, 11008)'}"
+        say("checkpoint", f"{params / 1e6:.1f} M parameters, {'small' if args.small else f'{layers} x (4096, 11008)'}"
                           f" decoder layers, {dtype_name}, saved in {time.perf_counter() - t0:.0f} s")
         banks_and_materialise(work / "ckpt", args.device, dtype_name, work)
         gc.collect()  # free this process's model before the searches load theirs

@@ -37,7 +37,7 @@ def test_gpu_smoke_plumbing_on_cpu(tmp_path):
     proc = _run(["benchmarks/gpu_smoke.py", "--device", "cpu", "--small", "--out", str(tmp_path)], 900,
                 {"RAY_TMPDIR": ray_tmp, "EFFICIENTLLAVA_HOME": str(tmp_path / "home")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = {m.group(1): m.group(2) for m in re.finditer(r"^\[smoke\] ([^:]+): (.*)$", proc.stdout, re.M)}
+    lines = {m.group(1): m.group(2) for m in re.finditer(r"^\[smoke\] (.+?): (.*)$", proc.stdout, re.M)}
     for key in ("checkpoint", "model", "bank wanda", "bank sparsegpt", "materialise", "2:4 kernel",
                 "search resources.gpu=0 max_concurrent=1", "export"):
         assert key in lines, (key, proc.stdout[-3000:])
@@ -47,7 +47,7 @@ def test_gpu_smoke_plumbing_on_cpu(tmp_path):
     assert "projector versions [0, 1]" in lines["search resources.gpu=0 max_concurrent=1"]
     measured, mean = map(float, re.search(r"measured sparsity ([\d.]+) \(best policy's mean ([\d.]+)\)",
                                           lines["export"]).groups())
-    assert abs(measured - mean) < 0.01 and mean > 0.4
+    assert abs(measured - mean) <= 1 / 64 + 1e-6 and mean > 0.4  # Wanda: floor(s * in) per row, in = 64
 
 
 @pytest.mark.slow  # builds every method's bank in its own process
