@@ -134,3 +134,40 @@ def test_a_module_class_reference_reaches_workers_that_never_imported_the_method
         get_method("no_such_module_xyz:Thing")
     with pytest.raises(ConfigError, match="not a PruningMethod"):
         get_method(f"{__name__}:ShrinkOptions")
+
+
+@pytest.mark.slow  # starts Ray
+def test_a_search_through_ray_uses_a_method_defined_only_in_this_file(tmp_path):
+    """The Ray workers import `tests.test_method_plugin` from the space file's reference; nothing else knows it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "plug", "granularity": "sublayer", "levels": [0.0, 0.5, 0.7, 0.9],
+                                     "budget": {"target": 0.6, "tolerance": 0.01},
+                                     "method": "tests.test_method_plugin:LargestFirst"}))
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "plug", "model": {"spec": "tiny", "device": "cpu"}, "space": str(space),
+        "data": {"dataset": "synthetic", "n_shots": 16, "seed": 0, "heldout_size": 16},
+        "search": {"rounds": 1, "trials_per_round": 3, "max_concurrent": 1, "n_startup_trials": 1},
+        "projector": {"enabled": False}, "resources": {"cpu": 1, "gpu": 0}, "storage": str(tmp_path / "runs")}))
+    root = tmp_path / "exp"
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rp", dir="/tmp"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "efficientllava.cli", "search", str(config), "--dir", str(root),
+                           "--no-heldout"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in (root / "trials").glob("*.json")]
+    assert len(trials) == 3 and all(t.get("status") == "COMPLETE" for t in trials), trials
+    (bank,) = [p for p in (root / "banks").iterdir() if p.is_dir()]
+    manifest = json.loads((bank / "manifest.json").read_text())
+    assert manifest["spec"]["method"] == "tests.test_method_plugin:LargestFirst"
+    assert manifest["format"] == "nested-mask"
