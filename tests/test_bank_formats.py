@@ -252,10 +252,13 @@ def _worker(banks_dir: str, barrier, queue) -> None:
     for level in (0.3, 0.5):  # both workers race to build the same lazy variants
         with mat.applied(PruningPolicy.from_mapping({u: level for u in UNITS})):
             pass
-    assert bank.preload("cpu")  # on CPU: keeps the memory-mapped views, copies nothing
     data = {k: v.clone() for k, v in mat.weights.items()}
     with mat.applied(PruningPolicy.from_mapping({u: 0.5 for u in UNITS})):
         pruned = {k: v.clone() for k, v in mat.weights.items()}
+    # What every swap of a bank too big to preload reads: the variant files' memory-mapped views. Hold
+    # them all, so both workers map every page at once.
+    held = [bank._variant(u, lv, torch.device("cpu")) for u in UNITS for lv in (0.3, 0.5)]
+    assert sum(t.numel() for h in held for t in h.values()) > 0
     barrier.wait()  # both hold their mappings now
     queue.put((os.getpid(), str(bank.root), _bank_mappings(str(bank.root)), bank.nbytes(),
                {k: v.sum().item() for k, v in pruned.items()}, all(torch.equal(data[k], v) for k, v in mat.weights.items())))

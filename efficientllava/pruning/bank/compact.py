@@ -16,7 +16,6 @@ page cache): `calib/layer.<i>.safetensors`, `levels/<unit>/<level>.safetensors` 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -229,36 +228,50 @@ class CompactBank(VariantBank):
 
     # -- materialising ---------------------------------------------------------------------------
     def _variant(self, unit: str, level: float, device: torch.device) -> dict[str, torch.Tensor]:
-        key = (unit, level_key(level))
-        cached = self._cache.get(key)
-        if cached is not None and next(iter(cached.values())).device == device:
-            return cached
+        """The stored (encoded) tensors of a variant: memory-mapped views on CPU, copies on another device."""
         tensors, _ = load_tensors(self.root / level_file(unit, level), device)
-        if self._keep:
-            self._cache[key] = tensors
         return tensors
 
-    def write(self, unit: str, level: float, targets: Mapping[str, torch.Tensor],
-              dense: Mapping[str, torch.Tensor]) -> None:
-        """target = 0, then the kept values scattered in at the mask's set bits."""
-        self.ensure(unit, level, dense)
-        device = next(iter(targets.values())).device
-        tensors = self._variant(unit, level, device)
+    def _decode(self, unit: str, level: float, device: torch.device) -> dict[str, torch.Tensor]:
+        dtype = getattr(torch, self.manifest["dtype"])
+        out = {n: torch.empty(self._shapes[n], dtype=dtype, device=device) for n in self.unit_linears[unit]}
+        self._scatter(out, self._variant(unit, level, device))
+        return out
+
+    @staticmethod
+    def _scatter(targets: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
         for name, target in targets.items():
             mask = unpack_mask(tensors[f"{name}.mask"], target.numel())
             target.zero_()
             target.view(-1).masked_scatter_(mask, tensors[f"{name}.values"])
 
+    def write(self, unit: str, level: float, targets: Mapping[str, torch.Tensor],
+              dense: Mapping[str, torch.Tensor]) -> None:
+        """target = 0 with the kept values scattered in at the mask's set bits (a copy if preloaded)."""
+        self.ensure(unit, level, dense)
+        device = next(iter(targets.values())).device
+        key = (unit, level_key(level))
+        decoded = self._cache.get(key)
+        if decoded is None or next(iter(decoded.values())).device != device:
+            self._scatter(targets, self._variant(unit, level, device))
+            if self._keep:
+                self._cache[key] = {n: t.detach().clone() for n, t in targets.items()}
+            return
+        for name, target in targets.items():
+            target.copy_(decoded[name], non_blocking=True)
+
     def expected_bytes(self) -> int:
-        """Estimated variant bytes once every level is built: kept values plus one bit per weight."""
+        """Bytes `preload` would hold: every level decoded to the dense layout (swaps are then copies).
+
+        Only small banks are preloaded (each worker then holds its own decoded copy); larger ones are
+        read from the shared memory-mapped files at each swap.
+        """
         itemsize = torch.empty((), dtype=getattr(torch, self.manifest["dtype"])).element_size()
-        total = 0
-        for unit, linears in self.unit_linears.items():
-            numel = sum(self._shapes[n][0] * self._shapes[n][1] for n in linears)
-            for level in self.nonzero_levels(unit):
-                total += math.ceil(numel * (1 - level)) * itemsize + math.ceil(numel / 8)
-        return total
+        return sum(self._shapes[n][0] * self._shapes[n][1] * itemsize * len(self.nonzero_levels(u))
+                   for u, linears in self.unit_linears.items() for n in linears)
 
     def _preload(self, device: torch.device) -> None:
         for unit, level in sorted(self._built):
-            self._variant(unit, float(level), device)
+            key = (unit, level)
+            if key not in self._cache:
+                self._cache[key] = self._decode(unit, float(level), device)
