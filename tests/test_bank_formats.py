@@ -180,6 +180,11 @@ def test_damaged_banks_raise_one_error_and_are_rebuilt(model, small_batches, tmp
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DamagedBankError, match="v2"):
         open_bank(root)
+    del manifest["streams" if method == "sparsegpt" else "files"]
+    manifest["version"] -= 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DamagedBankError, match="malformed"):
+        open_bank(root)
     (root / "manifest.json").write_text("{ truncated")
     with pytest.raises(DamagedBankError):
         open_bank(root)

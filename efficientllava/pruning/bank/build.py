@@ -142,8 +142,11 @@ def open_bank(root: str | Path, fingerprint: str | None = None) -> VariantBank:
         raise DamagedBankError(f"{root}: bank format {manifest.get('format')!r} v{manifest.get('version')} is not "
                                f"one this version reads ({', '.join(f'{k} v{c.VERSION}' for k, c in FORMATS.items())})"
                                "; delete the bank and rebuild it")
-    bank = cls(root, manifest)
-    bank.validate()
+    try:
+        bank = cls(root, manifest)
+        bank.validate()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamagedBankError(f"{root}: the bank manifest is malformed ({exc!r}); rebuild it") from None
     if fingerprint is not None and bank.fingerprint != fingerprint:
         raise DamagedBankError(f"{root}: bank fingerprint {bank.fingerprint} != {fingerprint}; rebuild it")
     return bank
