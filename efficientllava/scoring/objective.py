@@ -62,6 +62,7 @@ class PolicyScorer:
 
     def gap(self, policy: PruningPolicy) -> tuple[float, float]:
         """(capacity, SRM gap) of `policy`, from the bank's stored norms (no materialisation)."""
+        self.materializer.prepare(policy)  # a lazily built bank knows a variant's norms once it exists
         logs = log_norm_ratios(policy, self.bank.pruned_norms, self.bank.dense_norms, self.bank.unit_linears)
         cap = capacity(logs, self.srm.aggregate)
         return cap, generalization_gap(cap, self.n_samples, self.srm.delta, self.srm.scale)
