@@ -67,19 +67,38 @@ def test_evaluate_directory_that_is_not_a_checkpoint(capsys, tmp_path):
 
 def test_evaluate_unknown_dataset(capsys, checkpoint):
     _fails(
-        capsys, ["evaluate", "--data", "nosuchdata", "--model", checkpoint], "unknown dataset 'nosuchdata'"
+        capsys, ["evaluate", "--data", "nosuchdata", "--model", checkpoint], "invalid choice: 'nosuchdata'",
+        "synthetic", "scienceqa",
     )
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [("--method", "sparsgpt", "sparsegpt"), ("--data", "sciencqa", "scienceqa"), ("--pattern", "2-4", "N:M"),
+     ("--granularity", "blocks", "sublayer")],
+)
+def test_evaluate_typos_fail_before_any_model_loads(capsys, flag, value, needle):
+    # "tinyy" cannot load: the typo must be reported instead, from the registries' names.
+    _fails(capsys, ["evaluate", "--model", "tinyy", flag, value], value, needle)
+
+
+def test_version(capsys):
+    from efficientllava import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"efficientllava {__version__}"
 
 
 @pytest.mark.parametrize(
     "flag, value, needle",
     [
         ("--device", "gpu", "unknown device 'gpu'"),
-        ("--dtype", "fp64", "unknown dtype 'fp64'"),
+        ("--dtype", "fp64", "invalid choice: 'fp64'"),
         ("--uniform", "1.5", "--uniform 1.5"),
         ("--uniform", "-0.1", "[0, 1)"),
         ("--batch-size", "0", "--batch-size 0"),
-        ("--granularity", "block", "granularity 'block'"),
+        ("--granularity", "block", "invalid choice: 'block'"),
     ],
 )
 def test_evaluate_bad_options(capsys, checkpoint, flag, value, needle):
