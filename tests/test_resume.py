@@ -29,11 +29,11 @@ SPACE = {"params": {f"x_{i}": [0, 99] for i in range(6)}, "target": 30, "sleep_s
 
 
 def runner(args: list[str], ray_tmp: str, log: Path) -> subprocess.Popen:
-    """Start `python -m efficientllava.search.runner ARGS` in its own session with a private Ray temp dir."""
+    """Start `python -m efficientllava.cli ARGS` in its own session with a private Ray temp dir."""
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "efficientllava.search.runner", *args],
+        [sys.executable, "-m", "efficientllava.cli", *args],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
 
@@ -46,7 +46,7 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump({
         "name": "kill",
-        "problem": "efficientllava.search.toy:QuadraticProblem",
+        "problem": "efficientllava.testing.toy:QuadraticProblem",
         "space": "space.yaml",
         "search": {"rounds": ROUNDS, "trials_per_round": TRIALS, "max_concurrent": 2, "n_startup_trials": TRIALS},
     }))
@@ -54,7 +54,8 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     # Short paths: Ray's unix sockets live under the temp dir and must stay under 107 characters.
     tmp1, tmp2 = tempfile.mkdtemp(prefix="elr", dir="/tmp"), tempfile.mkdtemp(prefix="elr", dir="/tmp")
     try:
-        proc = runner([str(tmp_path / "exp.yaml"), "--dir", str(root)], tmp1, tmp_path / "run.log")
+        proc = runner(["search", str(tmp_path / "exp.yaml"), "--dir", str(root), "--no-heldout"], tmp1,
+                      tmp_path / "run.log")
         deadline = time.time() + 150
         while len(list((root / "trials").glob("0-*.json"))) < 3:
             assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
@@ -70,13 +71,13 @@ def test_sigkill_mid_round_then_resume(tmp_path):
         assert 3 <= n_before < TRIALS, f"kill should land mid round 0, got {sorted(before)}"
         exp = open_experiment(root)
         assert json.loads(exp.state_path.read_text())["status"] == "running"
-        study0 = open_study(exp, 0).get_trials()
-        running = [t.number for t in study0 if t.state == TrialState.RUNNING]
+        study0 = [t for t in open_study(exp, 0).get_trials() if "number" in t.user_attrs]
+        running = [t.user_attrs["number"] for t in study0 if t.state == TrialState.RUNNING]
         assert running, "some trials should have been in flight at the kill"
-        unfinished = {t.number for t in study0 if t.state == TrialState.RUNNING and f"0-{t.number}.json" not in before}
-        unfinished_params = {t.number: t.params for t in study0 if t.number in unfinished}
+        unfinished = {n for n in running if f"0-{n}.json" not in before}
+        unfinished_params = {t.user_attrs["number"]: t.params for t in study0 if t.user_attrs["number"] in unfinished}
 
-        resumed = runner(["--resume", str(root)], tmp2, tmp_path / "resume.log")
+        resumed = runner(["resume", str(root), "--no-heldout"], tmp2, tmp_path / "resume.log")
         rc = resumed.wait(timeout=240)
         assert rc == 0, (tmp_path / "resume.log").read_text()[-5000:]
         kill_ray(tmp2)
@@ -104,7 +105,7 @@ def test_sigkill_mid_round_then_resume(tmp_path):
         assert rec["round"] == 0 and unfinished_params[number].items() <= rec["params"].items()
         assert unfinished_params[number], "an interrupted trial with no recorded params is not a retry"
     # 3. The study kept its pre-kill history, and agrees with the JSONs.
-    trials0 = {t.number: t for t in open_study(exp, 0).get_trials()}
+    trials0 = {t.user_attrs["number"]: t for t in open_study(exp, 0).get_trials() if "number" in t.user_attrs}
     for name in before:
         rec = recs[name]
         t = trials0[rec["number"]]
@@ -126,7 +127,7 @@ def _toy_experiment(tmp_path: Path):
     from efficientllava.experiment import create_experiment
 
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {"x_0": [0, 99]}}))
-    cfg = config_from_dict({"name": "rec", "problem": "efficientllava.search.toy:QuadraticProblem",
+    cfg = config_from_dict({"name": "rec", "problem": "efficientllava.testing.toy:QuadraticProblem",
                             "space": str(tmp_path / "space.yaml")}, tmp_path / "exp.yaml")
     return create_experiment(cfg, tmp_path / "exp")
 
@@ -150,6 +151,7 @@ def test_reconcile_tells_fails_and_reenqueues_once(tmp_path):
     trials = [study.ask() for _ in range(5)]
     for i, t in enumerate(trials):
         t.suggest_int("x_0", i, i)
+        t.set_user_attr("number", i)
     study.tell(trials[0], 0.0)
     _record(exp, 0, 0, "COMPLETE")  # finished normally
     _record(exp, 1, 1, "COMPLETE")  # killed after its JSON, before Tune told Optuna
@@ -192,3 +194,30 @@ def test_repair_journal_drops_a_torn_last_line(tmp_path):
     reopened = open_study(exp, 0)
     reopened.tell(reopened.ask(), 2.0)
     assert [t.value for t in open_study(exp, 0).get_trials()] == [1.0, 2.0]
+
+
+def test_reconcile_cases_of_a_driver_killed_around_tune(tmp_path):
+    """Trial identity is the engine's number: a FAIL that lost its record re-runs once; a trial killed
+    before it got a number never ran (failed, not re-run); history added without numbers counts."""
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    from efficientllava.search.study import reconcile_round
+
+    exp = _toy_experiment(tmp_path)
+    study = open_study(exp, 0)
+    study.add_trial(create_trial(params={"x_0": 7}, distributions={"x_0": IntDistribution(0, 99)}, value=-7.0))
+    a, b = study.ask(), study.ask()
+    a.suggest_int("x_0", 5, 5)
+    a.set_user_attr("number", 0)
+    study.tell(a, state=TrialState.FAIL)  # Tune failed it (worker died); the driver died before the record
+    b.suggest_int("x_0", 6, 6)  # asked, then killed before the searcher numbered it
+
+    p = reconcile_round(exp, 0, 3, retry_errors=False)
+    assert p.interrupted == (0,) and p.told == ()
+    assert (p.done, p.remaining) == (1, 2)  # the history trial counts; the retry of 0 runs again
+    after = open_study(exp, 0).get_trials()
+    assert after[2].state == TrialState.FAIL  # the unnumbered one, failed and not re-enqueued
+    waiting = [t for t in after if t.state == TrialState.WAITING]
+    assert [(t.user_attrs["retry_of"], t.system_attrs["fixed_params"]) for t in waiting] == [(0, {"x_0": 5})]
+    assert reconcile_round(exp, 0, 3, retry_errors=True).interrupted == ()  # idempotent

@@ -321,12 +321,15 @@ class SearchDriver:
             with self._workers() as workers:
                 ctx = EngineContext(exp.root, workers)
                 self._rounds(problem, ctx, workers, resume=saved["status"] == STATUS_RUNNING)
-                write_json_atomic(run_file, {"started_at": started, "finished_at": time.time(),
-                                             "max_concurrent": self.cfg.search.max_concurrent,
-                                             "workers": workers.infos()})
+                finished = time.time()
                 finalize(exp, objectives)
                 if heldout:
                     self._heldout(problem, ctx)
+                # Whole-run timing: from the driver's start (workers started, every round) to the last round's end.
+                write_json_atomic(run_file, {"started_at": started, "finished_at": finished,
+                                             "heldout_s": time.time() - finished if heldout else None,
+                                             "max_concurrent": self.cfg.search.max_concurrent,
+                                             "workers": workers.infos()})
         return exp.root
 
     def _rounds(self, problem: SearchProblem, ctx: EngineContext, workers: Workers, *, resume: bool) -> None:
