@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def _write_atomic(path: str | Path, mode: str, write: Callable[[IO[Any]], None]) -> Path:
+def _write_atomic(path: str | Path, mode: str, write: Callable[[IO[Any]], object]) -> Path:
     """Write through `write` to a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -193,9 +193,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print("\n".join(report.lines()))
 
 
-def _common() -> argparse.ArgumentParser:
+def _common() -> Parser:
     """Options every subcommand takes too (so `efficientllava search X --quiet` works)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                    help="only warnings and errors")

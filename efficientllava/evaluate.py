@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from efficientllava.config import ModelConfig
 from efficientllava.data import DataConfig
@@ -85,14 +86,16 @@ def evaluate(*, model: ModelConfig, data: DataConfig, split: str = "heldout", ba
         load_projector(pipeline.model, projector)
     batches = pipeline.heldout_batches if split == "heldout" else pipeline.fewshot_batches
     loaded = pipeline.loaded
-    common = {"model": model.spec, "parameters": loaded.num_parameters,
-              "size_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
-              "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
-              "data": data.dataset, "split": split}
+    def report(**measured: Any) -> EvalReport:
+        return EvalReport(model=model.spec, parameters=loaded.num_parameters,
+                          size_bytes=sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
+                          dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device),
+                          data=data.dataset, split=split, **measured)
+
     if policy is None and uniform is None:
         result = evaluate_accuracy(loaded.model, batches)
-        return EvalReport(**common, accuracy=result.accuracy, n=result.n, samples_per_s=result.samples_per_s,
-                          correct=sum(result.correct))
+        return report(accuracy=result.accuracy, n=result.n, samples_per_s=result.samples_per_s,
+                      correct=sum(result.correct))
     if policy is None:
         assert uniform is not None
         policy = PruningPolicy.uniform(unit_names(pipeline.num_layers, granularity), uniform)
@@ -103,6 +106,5 @@ def evaluate(*, model: ModelConfig, data: DataConfig, split: str = "heldout", ba
     # No budget here: this scores one given policy, on the split asked for.
     scorer = PolicyScorer(pipeline.model, batches, bank, None, SRMConfig(), pipeline.cost_model(space.granularity))
     score = scorer.score(policy, latency=latency)
-    return EvalReport(**common, accuracy=score.accuracy, n=score.n_samples,
-                      samples_per_s=score.n_samples / score.eval_s, policy=policy, method=method, pattern=pattern,
-                      score=score)
+    return report(accuracy=score.accuracy, n=score.n_samples, samples_per_s=score.n_samples / score.eval_s,
+                  policy=policy, method=method, pattern=pattern, score=score)

@@ -161,7 +161,7 @@ def pareto_set(records: list[dict[str, Any]], objectives: Sequence[Objective]) -
     def key(rec: dict[str, Any]) -> tuple[float, ...] | None:
         values = []
         for o in objectives:
-            v = rec["objective"] if o.name == METRIC else (rec.get("result") or {}).get(o.name)
+            v: Any = rec["objective"] if o.name == METRIC else (rec.get("result") or {}).get(o.name)
             if not _finite(v):
                 return None
             values.append(float(v) if o.mode == "max" else -float(v))  # larger is better on every axis

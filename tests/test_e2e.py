@@ -125,9 +125,19 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
         projector = json.loads((root / "projector" / "projector-1.json").read_text())
         assert projector["round"] == 0 and projector["version"] == 1 and projector["steps"] == STEPS
         assert math.isfinite(projector["loss_before"]) and math.isfinite(projector["loss_after"])
-        banks = [p for p in (root / "banks").iterdir() if p.is_dir()]
-        assert len(banks) == ROUNDS, "one variant bank per projector version"
-        assert all((b / "manifest.json").is_file() for b in banks)
+        # One variant bank for the whole search (projector.rebuild_bank: false), in the node's bank cache:
+        # the experiment directory holds no bank.
+        assert not (root / "banks").exists()
+        banks = set(load_trials(root)["bank"])
+        assert len(banks) == 1, "one variant bank per search"
+        home = Path(os.environ.get("EFFICIENTLLAVA_HOME", Path.home() / ".cache" / "efficientllava"))
+        assert all((home / "banks" / b / "manifest.json").is_file() for b in banks)
+        # What a person sees: no traceback, our own lines (no Tune tables), one progress line per update.
+        log = (tmp_path / "search.log").read_text()
+        assert "Traceback" not in log and "Exception ignored" not in log and "== Status ==" not in log, log[-3000:]
+        ours = [line for line in log.splitlines() if line.startswith("[efficientllava]")]
+        assert sum("round 0: 6 trials" in line for line in ours) == 1 and any("report:" in line for line in ours)
+        print(f"search output: {len(log.splitlines())} lines, {len(ours)} of them [efficientllava] lines")
 
         # 2. The trial table: 12 typed rows over 2 rounds; round 1 ran with the optimised projector.
         df = load_trials(root)
@@ -152,7 +162,7 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
         assert best["objective"] == df["objective"].max()
         row = df[(df["round"] == best["round"]) & (df["number"] == best["number"])].iloc[0]
         assert row["objective"] == best["objective"]
-        space_b = load_space(best["space_path"])
+        space_b = load_space(root / best["state"]["space"])
         for unit, ratio in best["policy"].items():
             assert row[f"policy/{unit}"] == ratio
             assert any(abs(ratio - lv) < 1e-9 for lv in space_b.levels_for(unit)), (unit, ratio)
@@ -206,10 +216,10 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
                 weighted, total = weighted + frac * w.numel(), total + w.numel()
         assert weighted / total >= space0.budget.target - 1e-3
         assert json.loads((out / "policy.json").read_text())["ratios"] == best["policy"]
-        if best.get("projector_path"):  # the exported model carries the projector the best trial ran with
+        if best["state"].get("projector"):  # the exported model carries the projector the best trial ran with
             from safetensors.torch import load_file
 
-            trained = load_file(best["projector_path"])
+            trained = load_file(root / best["state"]["projector"])
             exported = model.model.multi_modal_projector.state_dict()
             for key, value in trained.items():
                 torch.testing.assert_close(exported[key], value.to(exported[key].dtype), msg=key)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import check_resumed, unfinished_trials
 from optuna.trial import TrialState
 from rayprocs import kill_ray, ray_processes
 
-from efficientllava.experiment import open_experiment
 from efficientllava.search.study import open_study
 
 pytestmark = pytest.mark.slow
@@ -69,13 +69,7 @@ def test_sigkill_mid_round_then_resume(tmp_path):
         before = {name: (root / "trials" / name).read_bytes() for name in records(root)}
         n_before = len(before)
         assert 3 <= n_before < TRIALS, f"kill should land mid round 0, got {sorted(before)}"
-        exp = open_experiment(root)
-        assert json.loads(exp.state_path.read_text())["status"] == "running"
-        study0 = [t for t in open_study(exp, 0).get_trials() if "number" in t.user_attrs]
-        running = [t.user_attrs["number"] for t in study0 if t.state == TrialState.RUNNING]
-        assert running, "some trials should have been in flight at the kill"
-        unfinished = {n for n in running if f"0-{n}.json" not in before}
-        unfinished_params = {t.user_attrs["number"]: t.params for t in study0 if t.user_attrs["number"] in unfinished}
+        unfinished = unfinished_trials(root, before)
 
         resumed = runner(["resume", str(root), "--no-heldout"], tmp2, tmp_path / "resume.log")
         rc = resumed.wait(timeout=240)
@@ -86,39 +80,7 @@ def test_sigkill_mid_round_then_resume(tmp_path):
             kill_ray(marker)
             shutil.rmtree(marker, ignore_errors=True)
 
-    # 1. Every trial JSON written before the kill is still there, byte for byte.
-    for name, data in before.items():
-        assert (root / "trials" / name).read_bytes() == data, name
-    recs = records(root)
-    # 2. Each round has exactly TRIALS finished trials (the toy never errors here), and nothing was
-    #    evaluated twice: the only repeated params are re-enqueued trials that had not finished.
-    for r in range(ROUNDS):
-        done = [rec for rec in recs.values() if rec["round"] == r]
-        assert len(done) == TRIALS and all(rec["status"] == "COMPLETE" for rec in done)
-        keys = [tuple(sorted(rec["params"].items())) for rec in done]
-        assert len(set(keys)) == len(keys), f"round {r}: some params were evaluated twice"
-    retries = {rec["retry_of"]: rec for rec in recs.values() if rec["retry_of"] is not None}
-    assert set(retries) <= unfinished, "only interrupted trials are re-run"
-    for number, rec in retries.items():
-        # The retry replays every param recorded before the kill; a trial killed while its params were
-        # still being sampled (define-by-run) has only some recorded, and the rest are sampled anew.
-        assert rec["round"] == 0 and unfinished_params[number].items() <= rec["params"].items()
-        assert unfinished_params[number], "an interrupted trial with no recorded params is not a retry"
-    # 3. The study kept its pre-kill history, and agrees with the JSONs.
-    trials0 = {t.user_attrs["number"]: t for t in open_study(exp, 0).get_trials() if "number" in t.user_attrs}
-    for name in before:
-        rec = recs[name]
-        t = trials0[rec["number"]]
-        assert t.state == TrialState.COMPLETE and t.value == rec["objective"] and t.params == rec["params"]
-    assert not [t for t in trials0.values() if t.state == TrialState.RUNNING]
-    for n in unfinished:
-        assert trials0[n].state == TrialState.FAIL
-    # 4. The search finished: both rounds, the table and the best policy.
-    state = json.loads(exp.state_path.read_text())
-    assert state["status"] == "done" and state["round"] == ROUNDS - 1
-    best = json.loads(exp.best_policy_path.read_text())
-    assert best["objective"] == max(rec["objective"] for rec in recs.values())
-    assert exp.trials_parquet.is_file()
+    check_resumed(root, before, unfinished, ROUNDS, TRIALS)
     assert "resuming with" in (tmp_path / "resume.log").read_text()
 
 

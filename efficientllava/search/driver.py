@@ -78,6 +78,10 @@ from efficientllava.trials import (
 log = get_logger(__name__)
 MAX_ATTEMPTS = 3  # Tuner runs per round start; more than one only if trials die without a result
 PROGRESS_EVERY_S = 10.0  # at most one progress line per this many seconds
+# Trials in flight beyond one per worker: each waits in the pool for a free worker, so a worker starts its
+# next evaluation as soon as it is free instead of after Tune's round trip (record, tell, ask, forward).
+# The sampler sees one more pending trial (TPE's constant liar covers it).
+QUEUE_AHEAD = 1
 
 # Keep Tune's per-trial bookkeeping light and quiet: no CSV/JSON/TensorBoard result loggers per trial
 # (the records are the record), no status tables (the progress line replaces them), and a SIGINT
@@ -221,7 +225,7 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
         tuner = tune.Tuner(
             make_trainable(workers.pool, r, objectives),
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(exp, r, space, objectives, cfg.search),
+                search_alg=make_searcher(exp, r, space, objectives, cfg.search, queue_ahead=QUEUE_AHEAD),
                 num_samples=progress.remaining,
                 reuse_actors=True,
                 trial_dirname_creator=_trial_dirname,

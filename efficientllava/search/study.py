@@ -152,11 +152,12 @@ def next_number(exp: ExperimentDir, r: int, study: optuna.Study) -> int:
 
 
 def make_searcher(exp: ExperimentDir, r: int, space: Space, objectives: Sequence[Objective], search: Any,
-                  seed: int | None = None) -> ConcurrencyLimiter:
+                  seed: int | None = None, queue_ahead: int = 0) -> ConcurrencyLimiter:
     """Round `r`'s Tune searcher: OptunaSearch on the round's study over `space`, concurrency-limited.
 
     `objectives` are the study's objectives (one for single-objective samplers, the problem's
-    objectives for a multi-objective one).
+    objectives for a multi-objective one). `queue_ahead` trials are in flight beyond
+    `search.max_concurrent` (waiting in the worker pool for a free worker).
     """
     storage = exp.storage()
     study = open_study(exp, r, objectives, storage=storage)
@@ -173,7 +174,7 @@ def make_searcher(exp: ExperimentDir, r: int, space: Space, objectives: Sequence
         first_number=next_number(exp, r, study),
     )
     # Without the limiter Tune asks for many trials at once and TPE runs far past n_startup_trials at random.
-    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent + queue_ahead)
 
 
 @dataclass(frozen=True)

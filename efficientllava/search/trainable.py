@@ -7,6 +7,8 @@ and need almost no resources: the evaluation runs on a long-lived worker (`effic
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from typing import Any
 
@@ -23,7 +25,7 @@ SEED_KEY = "_seed"
 
 # Tune refuses a trial with no resources at all; a forwarder only waits, so it reserves a sliver of
 # memory instead of CPU (every CPU and GPU of the cluster stays with the workers).
-FORWARDER_RESOURCES = {"cpu": 0, "memory": 2**20}
+FORWARDER_RESOURCES: dict[str, float] = {"cpu": 0.0, "memory": float(2**20)}
 
 
 def split_config(config: dict[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
@@ -46,6 +48,7 @@ class ForwardTrainable(tune.Trainable):
         """Keep the pool handle and take the first trial's config."""
         if pool is None:
             raise ValueError("ForwardTrainable needs the worker pool (use make_trainable)")
+        _exit_quietly_on_sigterm()
         self._pool, self._round, self._objectives = pool, round_, objectives
         self._params, self._tags = split_config(config)
 
@@ -65,6 +68,10 @@ class ForwardTrainable(tune.Trainable):
         return {**metrics, "status": outcome["status"], "outcome": outcome, "params": self._params,
                 "tags": self._tags, "done": True}
 
+    def cleanup(self) -> None:
+        """Drop the pool handle now, not in a finaliser that a SIGTERM could interrupt."""
+        self._pool = None
+
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         """No checkpoints: a trial is one evaluation."""
         return None
@@ -72,6 +79,19 @@ class ForwardTrainable(tune.Trainable):
     def load_checkpoint(self, checkpoint: Any) -> None:
         """No checkpoints: a trial is one evaluation."""
         return None
+
+
+def _exit_quietly_on_sigterm() -> None:
+    """End this forwarder at once on SIGTERM (how Ray stops actors at the end of a Tuner or a search).
+
+    Ray's own handler raises SystemExit wherever the interpreter is, and when that is inside a
+    finaliser (an ActorHandle's `__del__`) Python prints "Exception ignored ... SystemExit" with a
+    traceback. A forwarder holds nothing to flush, so it exits without unwinding.
+    """
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    except ValueError:  # not the main thread: keep Ray's handler
+        pass
 
 
 def make_trainable(pool: Any, round_: int, objectives: tuple[Objective, ...]) -> Any:

@@ -36,6 +36,15 @@ log = get_logger(__name__)
 NAMESPACE = "efficientllava"
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still exists (and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
 def check_result(result: Any, objectives: tuple[Objective, ...]) -> dict[str, Any]:
     """A problem's result: a mapping with a finite number for every objective; returned as a dict."""
     if not isinstance(result, Mapping):
@@ -120,6 +129,10 @@ class WorkerPool:
     def status(self) -> dict[str, Any]:
         """Workers in the pool, free now, and those that died (with why)."""
         return {"alive": sorted(self._alive), "free": self._free.qsize(), "dead": dict(self._dead)}
+
+    def where(self) -> tuple[str, int]:
+        """(node id, pid) of the pool actor."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     async def enter_round(self, state: RoundState, inputs: list[ray.ObjectRef]) -> dict[str, float]:
         """Make `state` current: every live worker enters it now; later ones on their first trial."""
@@ -212,11 +225,24 @@ class Workers:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        """Stop every actor of the search (killed: no graceful-exit tracebacks, nothing left behind)."""
+        """Stop every actor of the search: killed (no graceful-exit tracebacks), and on this node waited for,
+        so nothing of the search outlives it."""
+        here = ray.get_runtime_context().get_node_id()
+        local: list[int] = []
+        try:
+            places = [tuple(ray.get(self.pool.where.remote(), timeout=10))]
+            places += [(i["node_id"], i["pid"]) for i in ray.get(self.pool.infos.remote(), timeout=10)]
+            local = [pid for node, pid in places if node == here]
+        except Exception:  # noqa: BLE001 - a pool that is already gone has nothing to wait for
+            pass
         for handle in [*self._workers, self.pool]:
             if handle is not None:
                 ray.kill(handle, no_restart=True)
         self._workers, self.pool = [], None
+        deadline = time.time() + 10
+        while local and time.time() < deadline:
+            local = [pid for pid in local if _alive(pid)]
+            time.sleep(0.02)
 
     def placeable(self) -> int:
         """How many workers the cluster can hold at once (by its total CPUs and GPUs)."""
