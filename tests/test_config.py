@@ -90,7 +90,7 @@ def test_full_config_round_trips(tmp_path, space_file):
         ({"search": {"max_concurrent": 0}}, "search.max_concurrent", ">= 1"),
         ({"search": {"rounds": True}}, "search.rounds", "expected int"),
         ({"search": {"trials_per_round": 2.5}}, "search.trials_per_round", "expected int"),
-        ({"search": {"sampler": "cmaess"}}, "search.sampler", "cmaes, gp, nsga2, random, tpe"),
+        ({"search": {"sampler": "cmaess"}}, "search.sampler", "choose one of cmaes, "),
         ({"search": 3}, "search", "must be a mapping"),
         ({"objective": {"delta": 0}}, "objective.delta", "> 0"),
         ({"objective": {"aggregate": "max"}}, "objective.aggregate", "geometric_mean"),
