@@ -178,3 +178,22 @@ def test_module_help():
     assert proc.returncode == 0, proc.stderr
     for command in ("search", "resume", "trials", "report", "export", "evaluate"):
         assert command in proc.stdout
+
+
+def test_resume_of_an_experiment_from_before_format_2_says_what_to_do(capsys, tmp_path):
+    """An experiment directory written by 0.1 (no format in state.json) is refused in one line, before Ray starts."""
+    import yaml
+
+    from efficientllava.config import config_from_dict, config_to_dict
+
+    old = tmp_path / "old"
+    (old / "trials").mkdir(parents=True)
+    cfg = config_from_dict({"name": "old", "space": str(REPO / "search_spaces" / "tiny.yaml")}, "old.yaml")
+    (old / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (old / "state.json").write_text(json.dumps({  # what 0.1 wrote
+        "status": "running", "round": 0, "history": [], "updated_at": "2026-11-20T10:00:00",
+        "state": {"round": 0, "projector_version": 0, "projector_path": None, "space_path": "/x/round-0.yaml"}}))
+    line = _fails(capsys, ["resume", str(old)], str(old), "older efficientllava", "format 1",
+                  "start a new search with `efficientllava search")
+    assert "\n" not in line
+    _fails(capsys, ["export", str(old), "--out", str(tmp_path / "x")], "older efficientllava")
