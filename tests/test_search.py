@@ -290,3 +290,16 @@ def test_seed_points_run_first_and_once(tmp_path):
     assert sum(json.loads(p.read_text())["seed"] == "centre" for p in (root / "trials").glob("*.json")) == 1
     exp = open_experiment(root)
     assert [t.user_attrs.get("seed") for t in open_study(exp, 0).get_trials()].count("centre") == 1
+
+
+def test_a_user_error_raised_on_a_worker_reaches_the_caller_as_itself(tmp_path):
+    """A bad model spec is only found where the model loads (a worker): the CLI still gets the one-line error."""
+    from efficientllava.errors import ModelLoadError
+
+    space = tmp_path / "space.yaml"
+    space.write_text((Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml").read_text())
+    cfg = config_from_dict({"name": "bad-model", "space": str(space), "model": {"spec": "tinyy"},
+                            "search": {"rounds": 1, "trials_per_round": 2, "max_concurrent": 1},
+                            "storage": str(tmp_path / "runs")}, tmp_path / "exp.yaml")
+    with pytest.raises(ModelLoadError, match="unknown model spec 'tinyy'"):
+        run_search(cfg)

@@ -36,6 +36,25 @@ log = get_logger(__name__)
 NAMESPACE = "efficientllava"
 
 
+def unwrap(exc: BaseException) -> BaseException:
+    """The user error inside Ray's task-error wrappers (worker -> pool -> driver), else `exc` itself."""
+    cause: BaseException | None = exc
+    while isinstance(cause, ray.exceptions.RayTaskError):
+        cause = getattr(cause, "cause", None)
+    return cause if isinstance(cause, EfficientLLaVAError) else exc
+
+
+def _get(ref: Any) -> Any:
+    """`ray.get`, with a problem's user errors (ConfigError, ...) raised as themselves: one line in the CLI."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = unwrap(exc)
+        if cause is exc:
+            raise
+        raise cause from None
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` still exists (and is not a zombie)."""
     try:
@@ -103,7 +122,10 @@ class EvalWorker:
 
     def call(self, method: str, args: tuple[Any, ...]) -> Any:
         """`problem.<method>(*args)` on this worker's problem (between-round work)."""
-        return getattr(self.problem, method)(*args)
+        try:
+            return getattr(self.problem, method)(*args)
+        finally:
+            self._round = None  # the call may have moved the problem to another round: re-enter before a trial
 
 
 class WorkerPool:
@@ -276,12 +298,12 @@ class Workers:
         """Send the round's inputs (once, through the object store) and let every worker enter it."""
         self.wait_ready()
         self._inputs = ray.put(inputs)
-        return dict(ray.get(self.pool.enter_round.remote(state, [self._inputs])))
+        return dict(_get(self.pool.enter_round.remote(state, [self._inputs])))
 
     def call(self, method: str, *args: Any) -> Any:
         """`problem.<method>(*args)` on one worker (of the current round, if one was entered)."""
         self.wait_ready()
-        return ray.get(self.pool.call.remote(method, args))
+        return _get(self.pool.call.remote(method, args))
 
     def status(self) -> dict[str, Any]:
         """The pool's live / free / dead workers."""
