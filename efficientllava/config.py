@@ -28,6 +28,13 @@ def sampler_names() -> tuple[str, ...]:
     return names()
 
 
+def dataset_names() -> tuple[str, ...]:
+    """The data sets the loaders know (read from efficientllava.data)."""
+    from efficientllava.data import DATASETS
+
+    return tuple(DATASETS)
+
+
 Choices = tuple[str, ...] | Callable[[], tuple[str, ...]]
 
 
@@ -130,7 +137,7 @@ class ExperimentConfig:
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PROBLEM_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # Extra checks on DataConfig, which lives in efficientllava.data and carries no field metadata.
-_DATA_RULES = {"n_shots": _rule(ge=1), "heldout_size": _rule(ge=1)}
+_DATA_RULES = {"dataset": _rule(choices=dataset_names), "n_shots": _rule(ge=1), "heldout_size": _rule(ge=1)}
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

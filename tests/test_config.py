@@ -102,6 +102,7 @@ def test_full_config_round_trips(tmp_path, space_file):
         ({"data": {"n_shots": 0}}, "data.n_shots", ">= 1"),
         ({"data": {"heldout_size": "all"}}, "data.heldout_size", "int or null"),
         ({"data": {"shots": 4}}, "data.shots", "n_shots"),
+        ({"data": {"dataset": "sciencqa"}}, "data.dataset", "choose one of synthetic, scienceqa"),
         ({"eval": {"batch_size": 0}}, "eval.batch_size", ">= 1"),
         ({"storage": 5}, "storage", "expected str"),
         ({"problem": "not a class path"}, "problem", "module:ClassName"),
