@@ -106,11 +106,12 @@ class ExperimentDir:
         return config_from_dict(d, self.config_path, resolve_space=False)
 
     def storage(self) -> Any:
-        """The Optuna storage holding every round's study (a journal file)."""
+        """The Optuna storage holding every round's study (a journal file, see `efficientllava.journal`)."""
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(str(self.journal_path)))
+        from efficientllava.journal import JournalBackend
+
+        return JournalStorage(JournalBackend(str(self.journal_path)))
 
     def read_state(self) -> dict[str, Any]:
         """state.json as a mapping (keys: format, status, round, state, history, updated_at)."""

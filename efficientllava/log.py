@@ -12,7 +12,7 @@ import sys
 
 ROOT = "efficientllava"
 FORMAT = "[efficientllava] %(message)s"
-DEBUG_FORMAT = "[efficientllava %(name)s %(levelname)s] %(message)s"
+DEBUG_FORMAT = "%(asctime)s [efficientllava %(name)s %(levelname)s] %(message)s"
 
 
 def get_logger(name: str) -> logging.Logger:

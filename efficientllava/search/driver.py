@@ -142,6 +142,7 @@ class TrialRecorder(tune.Callback):
                            wall_s=outcome["returned_at"] - outcome["submitted_at"],
                            eval_s=outcome["eval_s"], retry_of=tags["retry_of"], worker=outcome["worker"],
                            traceback=outcome.get("traceback"), seed=tags["seed"])
+        rec["forwarder_started_at"] = outcome.get("forwarder_started_at")  # Tune's trial actor start (overhead)
         write_json_atomic(self.exp.trial_path(self.state.round, rec["number"]), rec)
         self.progress.add(rec)
 
@@ -204,6 +205,7 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
     for name, point in seeds.items():
         if not space.contains(point):
             raise EfficientLLaVAError(f"round {r}: seed point {name!r} is not in the round's space: {dict(point)}")
+    log.debug("round %d: reconciling", r)
     progress = reconcile_round(exp, r, n, retry_errors=resume, objectives=objectives)
     added = enqueue_seeds(open_study(exp, r, objectives), seeds) if progress.remaining else []
     if added:
@@ -222,6 +224,7 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
             raise EfficientLLaVAError(f"round {r}: every evaluation worker died ({status['dead']}); "
                                       f"fix the cause and run `efficientllava resume {exp.root}`")
         progress_log = ProgressLog(r, n, progress.done, best)
+        log.debug("round %d: starting a Tuner for %d trials", r, progress.remaining)
         tuner = tune.Tuner(
             make_trainable(workers.pool, r, objectives),
             tune_config=tune.TuneConfig(
@@ -241,8 +244,10 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
             ),
         )
         tuner.fit()
+        log.debug("round %d: Tuner.fit returned", r)
         best = progress_log.best
         progress = reconcile_round(exp, r, n, retry_errors=False, objectives=objectives)
+        log.debug("round %d: reconciled", r)
     if progress.remaining:
         log.warning(f"round {r} ends with {progress.done}/{n} trials: {MAX_ATTEMPTS} Tuner runs lost trials "
                     "without a result (workers died?); see the errors above")

@@ -49,6 +49,7 @@ class ForwardTrainable(tune.Trainable):
         if pool is None:
             raise ValueError("ForwardTrainable needs the worker pool (use make_trainable)")
         _exit_quietly_on_sigterm()
+        self._started = time.time()
         self._pool, self._round, self._objectives = pool, round_, objectives
         self._params, self._tags = split_config(config)
 
@@ -62,6 +63,7 @@ class ForwardTrainable(tune.Trainable):
         sent = time.time()
         outcome = ray.get(self._pool.evaluate.remote(self._params, self._round))
         outcome["submitted_at"], outcome["returned_at"] = sent, time.time()  # this actor's clock: wall_s
+        outcome["forwarder_started_at"] = self._started
         result = outcome.get("result") or {}
         metrics = {o.name: result.get(o.name, math.nan) for o in self._objectives}
         metrics.setdefault(METRIC, result.get(METRIC, math.nan))
