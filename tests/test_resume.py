@@ -183,3 +183,24 @@ def test_reconcile_cases_of_a_driver_killed_around_tune(tmp_path):
     waiting = [t for t in after if t.state == TrialState.WAITING]
     assert [(t.user_attrs["retry_of"], t.system_attrs["fixed_params"]) for t in waiting] == [(0, {"x_0": 5})]
     assert reconcile_round(exp, 0, 3, retry_errors=True).interrupted == ()  # idempotent
+
+
+def test_journal_syncs_at_state_changes_only(tmp_path, monkeypatch):
+    """One fsync per trial (at its tell), not one per parameter; everything before it is flushed with it."""
+    import optuna
+    from optuna.distributions import IntDistribution
+
+    import efficientllava.journal as journal
+
+    exp = _toy_experiment(tmp_path)
+    study = open_study(exp, 0)
+    syncs = []
+    monkeypatch.setattr(journal.os, "fsync", lambda fd: syncs.append(fd))
+    dist = {f"x_{i}": IntDistribution(0, 9) for i in range(12)}
+    trial = study.ask(fixed_distributions=dist)
+    trial.set_user_attr("number", 0)
+    assert syncs == []
+    study.tell(trial, 1.0)
+    assert len(syncs) == 1
+    reread = optuna.load_study(study_name="round-0", storage=exp.storage()).trials[0]
+    assert reread.params == trial.params and reread.user_attrs == {"number": 0} and reread.value == 1.0
