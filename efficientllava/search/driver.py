@@ -226,7 +226,7 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
         progress_log = ProgressLog(r, n, progress.done, best)
         log.debug("round %d: starting a Tuner for %d trials", r, progress.remaining)
         tuner = tune.Tuner(
-            make_trainable(workers.pool, r, objectives),
+            make_trainable(workers.pool, r, objectives, slots=cfg.search.max_concurrent + QUEUE_AHEAD),
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(exp, r, space, objectives, cfg.search, queue_ahead=QUEUE_AHEAD),
                 num_samples=progress.remaining,

@@ -23,9 +23,24 @@ NUMBER_KEY = "_number"
 RETRY_KEY = "_retry_of"
 SEED_KEY = "_seed"
 
-# Tune refuses a trial with no resources at all; a forwarder only waits, so it reserves a sliver of
-# memory instead of CPU (every CPU and GPU of the cluster stays with the workers).
-FORWARDER_RESOURCES: dict[str, float] = {"cpu": 0.0, "memory": float(2**20)}
+def forwarder_resources(slots: int) -> dict[str, float]:
+    """What one forwarder reserves: a `1/(slots + 1/2)` share of this node's `node:<ip>` resource.
+
+    Tune refuses a trial with no resources, and a forwarder only waits, so it takes no CPU or GPU
+    (they stay with the workers). The share matters: Tune starts a new actor for each new trial
+    before it hands the trial a cached one (then discards the new actor); if that actor can start
+    at once, every trial costs a Python process start (seconds of CPU). With this share at most
+    `slots` forwarders fit, so the extra actor stays pending until it is discarded. It also keeps
+    the forwarders beside the driver.
+    """
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == here), None)
+    key = f"node:{ip}"
+    if ip is None or key not in ray.cluster_resources():
+        return {"cpu": 0.0, "memory": float(2**20)}  # no node resource to share: a sliver of memory
+    return {"cpu": 0.0, key: 1.0 / (slots + 0.5)}
 
 
 def split_config(config: dict[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
@@ -96,10 +111,10 @@ def _exit_quietly_on_sigterm() -> None:
         pass
 
 
-def make_trainable(pool: Any, round_: int, objectives: tuple[Objective, ...]) -> Any:
-    """The Tune trainable of one round: the pool bound, a forwarder's tiny resources."""
+def make_trainable(pool: Any, round_: int, objectives: tuple[Objective, ...], slots: int) -> Any:
+    """The Tune trainable of one round: the pool bound, resources for `slots` forwarders at once."""
     bound = tune.with_parameters(ForwardTrainable, pool=pool, round_=round_, objectives=objectives)
-    return tune.with_resources(bound, FORWARDER_RESOURCES)
+    return tune.with_resources(bound, forwarder_resources(slots))
 
 
 __all__ = ["ForwardTrainable", "TrialStatus", "make_trainable", "split_config"]
