@@ -1,7 +1,8 @@
 """`efficientllava` command line: search, resume, trials, report, export, evaluate.
 
-Enumerated options take their `choices` from the registries (samplers, pruning methods, data sets,
-granularities), read only when an option is used or help is shown, so a typo fails before any
+Enumerated options take their `choices` from the registries (pruning methods, data sets,
+granularities), read only when an option is used or help is shown (hence the explicit metavars:
+argparse would otherwise list the choices while building the parser), so a typo fails before any
 model loads and `efficientllava trials` does not import torch.
 """
 
@@ -246,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("evaluate", help="multiple-choice accuracy of a model, optionally under a policy",
                        parents=[common])
     v.add_argument("--model", default="tiny", help="tiny, a hub id or a local checkpoint directory")
-    v.add_argument("--data", default="synthetic", choices=LazyChoices(_datasets), help="the data set")
+    v.add_argument("--data", default="synthetic", choices=LazyChoices(_datasets), metavar="NAME",
+                   help="the data set: %(choices)s")
     v.add_argument("--source", help="hub id or local path of the data set")
     v.add_argument("--split", default="heldout", choices=("heldout", "fewshot"), help="which split to score")
     v.add_argument("--n-shots", type=int, default=64, help="size of the few-shot split")
@@ -254,14 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw")
     v.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
     v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    v.add_argument("--dtype", default="auto", choices=LazyChoices(_dtypes), help="weights' dtype")
+    v.add_argument("--dtype", default="auto", choices=LazyChoices(_dtypes), metavar="DTYPE",
+                   help="weights' dtype: %(choices)s")
     pol = v.add_mutually_exclusive_group()
     pol.add_argument("--policy", help="policy.json to materialise before evaluating")
     pol.add_argument("--uniform", type=float, help="prune every unit to this sparsity")
-    v.add_argument("--method", default="sparsegpt", choices=LazyChoices(_methods), help="pruning method")
+    v.add_argument("--method", default="sparsegpt", choices=LazyChoices(_methods), metavar="NAME",
+                   help="pruning method: %(choices)s")
     v.add_argument("--pattern", default="unstructured", type=_pattern, help="unstructured or N:M, e.g. 2:4")
-    v.add_argument("--granularity", default="layer", choices=LazyChoices(_granularities),
-                   help="unit granularity (for --uniform)")
+    v.add_argument("--granularity", default="layer", choices=LazyChoices(_granularities), metavar="NAME",
+                   help="unit granularity (for --uniform): %(choices)s")
     v.add_argument("--projector", help="projector safetensors to load (from an experiment's projector/)")
     v.add_argument("--latency", action="store_true", help="also measure forward latency")
     v.set_defaults(fn=_cmd_evaluate)

@@ -159,7 +159,9 @@ def test_the_config_key_check_sees_an_unread_key():
     assert reads("data", "DataConfig", "seed", "def f(cfg: DataConfig):\n    return cfg.seed")
 
 
-def test_the_trial_forwarder_imports_no_model_code():
-    code = "import sys, efficientllava.search.trainable; print('torch' in sys.modules)"
+def test_the_trial_forwarder_and_the_cli_parser_import_no_model_code():
+    """Tune's trial actors start fast; `efficientllava trials` and typos in options cost no torch import."""
+    code = ("import sys, efficientllava.search.trainable; a = 'torch' in sys.modules\n"
+            "from efficientllava.cli import build_parser; build_parser(); print(a, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
