@@ -88,7 +88,10 @@ QUEUE_AHEAD = 1
 # that reaches our code as KeyboardInterrupt instead of Tune's graceful stop (which would let the
 # round loop go on).
 TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0",
-            "TUNE_DISABLE_SIGINT_HANDLER": "1", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "60"}
+            "TUNE_DISABLE_SIGINT_HANDLER": "1", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "60",
+            # Tune's experiment checkpoints (searcher pickled with the whole study) are never read back
+            # (resume trusts the journal and the records): rarely, not on Tune's "auto" cadence.
+            "TUNE_GLOBAL_CHECKPOINT_S": "300"}
 
 
 def _trial_dirname(trial: Any) -> str:
