@@ -9,7 +9,7 @@ import torch
 
 from efficientllava.errors import PolicyError
 from efficientllava.policy import PruningPolicy
-from efficientllava.pruning.bank import BankSpec, VariantBank, bank_bytes, build_bank
+from efficientllava.pruning.bank import BankSpec, bank_bytes, build_bank, open_bank
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.pruning.methods import method_names
 from efficientllava.pruning.units import prunable_units
@@ -82,7 +82,7 @@ def test_restore_is_bit_exact_and_incremental(model, small_batches, tmp_path, me
 
 def test_bank_reopens_with_norms(model, small_batches, tmp_path):
     built = build_bank(model, small_batches, _spec("wanda"), tmp_path / "bank")
-    bank = VariantBank.open(tmp_path / "bank")
+    bank = open_bank(tmp_path / "bank")
     assert bank.fingerprint == built.fingerprint
     assert bank_bytes(tmp_path / "bank") > 0
     name = next(iter(bank.unit_linears["layer.0"]))
@@ -109,7 +109,7 @@ def test_bad_policies_raise(model, small_batches, tmp_path):
     with pytest.raises(PolicyError):
         PruningPolicy.from_mapping({"layer.0": 1.0})
     with pytest.raises(Exception, match="not a complete variant bank"):
-        VariantBank.open(tmp_path / "nothing-here")
+        open_bank(tmp_path / "nothing-here")
 
 
 def test_preload_only_when_the_bank_fits(model, small_batches, tmp_path):

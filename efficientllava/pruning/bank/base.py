@@ -178,14 +178,6 @@ class VariantBank(ABC):
         self._cache: dict[Any, Any] = {}
         self._keep = False  # cache loaded data only once preload() chose to hold the bank in memory
 
-    # -- opening ---------------------------------------------------------------------------------
-    @classmethod
-    def open(cls, root: str | Path) -> VariantBank:
-        """Open a complete bank of any format; DamagedBankError if it is incomplete or damaged."""
-        from efficientllava.pruning.bank.build import open_bank  # the formats import this module
-
-        return open_bank(root)
-
     def validate(self) -> None:
         """Raise DamagedBankError if the format version differs or a file is missing or truncated."""
         if self.manifest.get("format") != self.FORMAT or self.manifest.get("version") != self.VERSION:

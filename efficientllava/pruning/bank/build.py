@@ -14,6 +14,7 @@ from torch import nn
 
 from efficientllava.errors import PolicyError
 from efficientllava.filelock import file_lock
+from efficientllava.log import get_logger
 from efficientllava.pruning.bank import compact, nested
 from efficientllava.pruning.bank.base import (
     BankSpec,
@@ -32,6 +33,8 @@ from efficientllava.pruning.units import PrunableUnit, prunable_units
 
 HESSIAN_BYTES_PER_PASS = 2 << 30  # calibrate as many layers per forward pass as fit in this budget
 FORMATS: dict[str, type[VariantBank]] = {nested.FORMAT: nested.NestedMaskBank, compact.FORMAT: compact.CompactBank}
+
+logger = get_logger(__name__)
 
 
 def bank_format(spec: BankSpec) -> tuple[str, int]:
@@ -128,8 +131,8 @@ def build_bank(model: nn.Module, batches: list[dict[str, torch.Tensor]], spec: B
         raise
     if log:
         what = "all variants" if method.nested or eager else "calibration state (variants built on first use)"
-        print(f"[bank] {spec.method} {spec.pattern} ({fmt}): {len(units)} units, {what} in "
-              f"{manifest['build_seconds']:.1f}s at {root} ({bank_bytes(root) / 2**20:.1f} MiB)", flush=True)
+        logger.info(f"bank: {spec.method} {spec.pattern} ({fmt}): {len(units)} units, {what} in "
+                    f"{manifest['build_seconds']:.1f}s at {root} ({bank_bytes(root) / 2**20:.1f} MiB)")
     return open_bank(root)
 
 
@@ -167,6 +170,6 @@ def open_or_build(model: nn.Module, batches: list[dict[str, torch.Tensor]], spec
                 return open_bank(root, fingerprint)
             except DamagedBankError as exc:
                 if log:
-                    print(f"[bank] rebuilding: {exc}", flush=True)
+                    logger.warning(f"bank: rebuilding: {exc}")
                 shutil.rmtree(root, ignore_errors=True)
         return build_bank(model, batches, spec, root, calibration, log, source=source, eager=eager)
