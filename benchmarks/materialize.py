@@ -24,7 +24,7 @@ from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.bank import bank_bytes, build_bank
 from efficientllava.pruning.calibrate import collect_stats
 from efficientllava.pruning.materialize import Materializer
-from efficientllava.pruning.methods import needs_hessian, prune_weight
+from efficientllava.pruning.methods import prune_weight
 from efficientllava.pruning.units import prunable_units
 from efficientllava.space import load_space, repair
 
@@ -33,13 +33,14 @@ def prune_from_scratch(model: torch.nn.Module, batches, policy: PruningPolicy, s
     """What a trial would do without a bank: calibrate the touched linears, then prune them."""
     units = {u.name: u for u in prunable_units(model, space.granularity)}
     names = [n for u, r in policy.ratios if r > 0 for n in units[u].linears]
-    stats = collect_stats(model, batches, names, need_hessian=needs_hessian(space.method))
+    method = space.pruning_method
+    stats = collect_stats(model, batches, names, need_hessian=method.stats == "hessian") if method.stats != "none" \
+        else {}
     with torch.no_grad():
         for unit, ratio in policy.ratios:
             for name in units[unit].linears if ratio > 0 else ():
                 w = model.get_submodule(name).weight
-                w.copy_(prune_weight(space.method, w.data, stats[name], ratio, space.pattern,
-                                     blocksize=space.blocksize, percdamp=space.percdamp))
+                w.copy_(prune_weight(method, w.data, stats.get(name), ratio, space.pattern))
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
                 for _ in range(args.repeats)]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        bank = build_bank(pipe.model, pipe.fewshot_batches, pipe.bank_spec(space), Path(tmp) / "bank")
+        bank = build_bank(pipe.model, pipe.fewshot_batches, pipe.bank_spec(space), Path(tmp) / "bank", eager=True)
         build_s = time.perf_counter() - t0
         size = bank_bytes(bank.root)
         bank.preload(pipe.loaded.device)

@@ -17,7 +17,7 @@ from efficientllava.pipeline import open_pipeline
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.bank import BankSpec, build_bank
 from efficientllava.pruning.materialize import Materializer
-from efficientllava.pruning.methods import METHODS
+from efficientllava.pruning.methods import method_names
 from efficientllava.pruning.units import unit_names
 from efficientllava.scoring.accuracy import evaluate_accuracy
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="few-shot (calibration) draws")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rows: dict[str, list[float]] = {m: [] for m in METHODS}
+    rows: dict[str, list[float]] = {m: [] for m in method_names()}
     dense = None
     for seed in range(args.seeds):
         pipe = open_pipeline(ModelConfig(spec=args.model), DataConfig(seed=seed, heldout_size=1024), batch_size=64)
@@ -40,7 +40,7 @@ def main() -> None:
             dense = evaluate_accuracy(pipe.model, pipe.heldout_batches).accuracy
         units = unit_names(pipe.num_layers, args.granularity)
         policy = PruningPolicy.uniform(units, args.sparsity)
-        for method in METHODS:
+        for method in method_names():
             spec = BankSpec(args.granularity, tuple((u, (0.0, args.sparsity)) for u in units), method, args.pattern)
             with tempfile.TemporaryDirectory() as tmp:
                 bank = build_bank(pipe.model, pipe.fewshot_batches, spec, Path(tmp) / "bank")

@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import torch
@@ -63,12 +64,8 @@ from efficientllava.pruning.units import prunable_units
 from efficientllava.scoring.accuracy import evaluate_accuracy
 from efficientllava.scoring.objective import PolicyScorer, TrialScore
 from efficientllava.scoring.srm import SRMConfig
-from efficientllava.search.samplers.evolution import (
-    BudgetEvolutionSampler,
-    LevelBudget,
-    LevelParam,
-    LevelSpace,
-)
+from efficientllava.search.api import Param, Space, SpaceBudget
+from efficientllava.search.samplers import make_sampler as registry_sampler
 from efficientllava.space import SearchSpace, fit_to_budget, load_space, policy_indices
 
 ROOT = Path(__file__).parents[1]
@@ -174,18 +171,10 @@ class Draw:
 
 def make_sampler(name: str, seed: int, space: SearchSpace, units: list[str], weights: dict[str, int],
                  n_trials: int) -> optuna.samplers.BaseSampler:
-    """The samplers as `efficientllava search` configures them."""
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, n_startup_trials=8, seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=8)
-    if name == "evolution":
-        params = tuple(LevelParam(u, 0, len(space.levels_for(u)) - 1, space.levels_for(u), weights[u]) for u in units)
-        budget = LevelBudget(space.budget.target, space.budget.tolerance)
-        return BudgetEvolutionSampler(LevelSpace(params, budget), seed)
-    raise ValueError(name)
+    """The sampler `name` exactly as `efficientllava search` configures it (the sampler registry)."""
+    params = tuple(Param(u, 0, len(space.levels_for(u)) - 1, space.levels_for(u), float(weights[u])) for u in units)
+    search = SimpleNamespace(sampler=name, n_startup_trials=8)
+    return registry_sampler(search, seed, Space(params, SpaceBudget(space.budget.target, space.budget.tolerance)))
 
 
 def pick(trials: list[tuple[PruningPolicy, TrialScore]], fidelity: str, lam: float) -> int:

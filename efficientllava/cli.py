@@ -1,14 +1,101 @@
-"""`efficientllava` command line: search, resume, trials, report, export, evaluate."""
+"""`efficientllava` command line: search, resume, trials, report, export, evaluate.
+
+Enumerated options take their `choices` from the registries (pruning methods, data sets,
+granularities), read only when an option is used or help is shown (hence the explicit metavars:
+argparse would otherwise list the choices while building the parser), so a typo fails before any
+model loads and `efficientllava trials` does not import torch.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
+from efficientllava import __version__
 from efficientllava.errors import ConfigError, EfficientLLaVAError
+from efficientllava.log import configure, get_logger, level_from_flags
+
+log = get_logger(__name__)
+
+
+class UsageError(EfficientLLaVAError):
+    """A command-line argument argparse rejected."""
+
+
+class LazyChoices(Sequence[str]):
+    """Allowed values read from a registry on first use (membership test or help text)."""
+
+    def __init__(self, load: Callable[[], Sequence[str]]) -> None:
+        self._load = load
+        self._values: tuple[str, ...] | None = None
+
+    def _get(self) -> tuple[str, ...]:
+        if self._values is None:
+            self._values = tuple(self._load())
+        return self._values
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._get()
+
+
+def _methods() -> tuple[str, ...]:
+    """Pruning methods from their registry."""
+    import efficientllava.pruning.methods as methods
+
+    return methods.method_names()
+
+
+def _datasets() -> tuple[str, ...]:
+    """Data sets the loaders know."""
+    from efficientllava.data import DATASETS
+
+    return tuple(DATASETS)
+
+
+def _granularities() -> tuple[str, ...]:
+    """Unit granularities."""
+    from efficientllava.pruning.units import GRANULARITIES
+
+    return tuple(GRANULARITIES)
+
+
+def _dtypes() -> tuple[str, ...]:
+    """Model dtypes the config accepts."""
+    from efficientllava.config import DTYPES
+
+    return DTYPES
+
+
+def _pattern(value: str) -> str:
+    """A mask pattern: unstructured or N:M (checked by the space's own parser)."""
+    from efficientllava.space import parse_pattern
+
+    try:
+        parse_pattern(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one `error: ...` line (exit 2) like every user error."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing usage and exiting."""
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
@@ -17,17 +104,17 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config)
     _prepare_model(cfg.model.spec)
-    root = run_search(cfg, args.dir)
-    _finish(root, args.no_heldout)
+    _finish(run_search(cfg, args.dir, heldout=not args.no_heldout))
 
 
 def _cmd_resume(args: argparse.Namespace) -> None:
     from efficientllava.experiment import open_experiment
     from efficientllava.search.runner import resume_search
 
-    _prepare_model(open_experiment(args.dir).load_config().model.spec)
-    root = resume_search(args.dir)
-    _finish(root, args.no_heldout)
+    exp = open_experiment(args.dir)
+    exp.check_format()
+    _prepare_model(exp.load_config().model.spec)
+    _finish(resume_search(args.dir, heldout=not args.no_heldout))
 
 
 def _prepare_model(spec: str) -> None:
@@ -38,45 +125,26 @@ def _prepare_model(spec: str) -> None:
         ensure_tiny()
 
 
-def _finish(root: Path, no_heldout: bool) -> None:
-    """After a search: held-out comparison (on the trials' resources), report, summary lines."""
-    from efficientllava.experiment import open_experiment
+def _finish(root: Path) -> None:
+    """After a search: the report (with the held-out comparison the search wrote), and where things are."""
+    from efficientllava.heldout import saved_heldout
     from efficientllava.report import write_report
 
-    if no_heldout:
-        heldout = _saved_heldout(root)
-    else:
-        from efficientllava.heldout import heldout_comparison
-        from efficientllava.problem import run_heavy
-
-        cfg = open_experiment(root).load_config()
-        heldout = run_heavy(cfg, heldout_comparison, cfg, str(root))
-        for name, row in heldout.items():
-            print(f"[held-out] {name:8s} accuracy {row['accuracy']:.4f}  mean sparsity {row['mean_sparsity']:.3f}  "
-                  f"FLOPs speed-up {row['flops_speedup']:.2f}x", flush=True)
-    report = write_report(root, heldout)
-    print(f"[efficientllava] report: {report}\n[efficientllava] trials: efficientllava trials {root}\n{root}")
-
-
-def _saved_heldout(root: Path) -> dict | None:
-    """heldout.json when it still describes the current best policy (else None: it would mislead)."""
-    saved, best = Path(root) / "heldout.json", Path(root) / "best_policy.json"
-    if not (saved.is_file() and best.is_file()):
-        return None
-    heldout, current = json.loads(saved.read_text()), json.loads(best.read_text())
-    same = (heldout.get("best", {}).get("round"), heldout.get("best", {}).get("objective")) == (
-        current.get("round"), current.get("objective"))
-    return heldout if same else None
+    report = write_report(root, saved_heldout(root))
+    log.info(f"report: {report}")
+    log.info(f"trials: efficientllava trials {root}")
+    print(root)
 
 
 def _cmd_trials(args: argparse.Namespace) -> None:
     import pandas as pd
 
+    from efficientllava.search.api import TrialStatus
     from efficientllava.trials import load_trials
 
     df = load_trials(args.dir)
     if args.top:
-        df = df[df["status"] == "COMPLETE"].sort_values("objective", ascending=False).head(args.top)
+        df = df[df["status"] == TrialStatus.COMPLETE.value].sort_values("objective", ascending=False).head(args.top)
     if args.csv:
         df.to_csv(args.csv, index=False)
         print(f"wrote {len(df)} trials to {args.csv}")
@@ -92,20 +160,14 @@ def _cmd_trials(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
+    from efficientllava.heldout import saved_heldout
     from efficientllava.report import write_report
 
     if args.heldout:
-        from efficientllava.experiment import open_experiment
-        from efficientllava.heldout import heldout_comparison
-        from efficientllava.problem import run_heavy
-        from efficientllava.search.runner import init_ray
+        from efficientllava.search.runner import heldout_check
 
-        cfg = open_experiment(args.dir).load_config()
-        init_ray()
-        heldout = run_heavy(cfg, heldout_comparison, cfg, str(args.dir))
-    else:
-        heldout = _saved_heldout(Path(args.dir))
-    print(write_report(args.dir, heldout))
+        heldout_check(args.dir)
+    print(write_report(args.dir, saved_heldout(args.dir)))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -117,64 +179,93 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from efficientllava.evaluate import evaluate_cli
+    from efficientllava.config import ModelConfig
+    from efficientllava.data import DataConfig
+    from efficientllava.evaluate import evaluate
 
-    evaluate_cli(args)
+    report = evaluate(
+        model=ModelConfig(spec=args.model, dtype=args.dtype, device=args.device),
+        data=DataConfig(dataset=args.data, source=args.source, n_shots=args.n_shots, seed=args.seed,
+                        heldout_size=args.heldout_size),
+        split=args.split, batch_size=args.batch_size, policy=args.policy, uniform=args.uniform,
+        method=args.method, pattern=args.pattern, granularity=args.granularity, projector=args.projector,
+        latency=args.latency,
+    )
+    print("\n".join(report.lines()))
+
+
+def _common() -> Parser:
+    """Options every subcommand takes too (so `efficientllava search X --quiet` works)."""
+    p = Parser(add_help=False)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="only warnings and errors")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug lines, and Ray's own messages")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `efficientllava` command."""
-    p = argparse.ArgumentParser(prog="efficientllava", description="Generalisation-aware auto-pruning of LLaVA models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    common = _common()
+    p = Parser(prog="efficientllava", description="Generalisation-aware auto-pruning of LLaVA models.",
+               parents=[common])
+    p.add_argument("--version", action="version", version=f"efficientllava {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    s = sub.add_parser("search", help="run a policy search from an experiment YAML")
+    s = sub.add_parser("search", help="run a policy search from an experiment YAML", parents=[common])
     s.add_argument("config", help="experiment YAML, e.g. experiments/tiny.yaml")
     s.add_argument("--dir", help="experiment directory to create (default: <storage>/<name>-<timestamp>)")
     s.add_argument("--no-heldout", action="store_true", help="skip the held-out comparison at the end")
     s.set_defaults(fn=_cmd_search)
 
-    r = sub.add_parser("resume", help="continue a killed, crashed or preempted search from its directory")
-    r.add_argument("dir")
+    r = sub.add_parser("resume", help="continue a killed, crashed or preempted search from its directory",
+                       parents=[common])
+    r.add_argument("dir", help="the experiment directory")
     r.add_argument("--no-heldout", action="store_true", help="skip the held-out comparison at the end")
     r.set_defaults(fn=_cmd_resume)
 
-    t = sub.add_parser("trials", help="print or save the trial table (works while a search runs)")
-    t.add_argument("dir")
+    t = sub.add_parser("trials", help="print or save the trial table (works while a search runs)", parents=[common])
+    t.add_argument("dir", help="the experiment directory")
     t.add_argument("--top", type=int, default=0, help="only the K best completed trials")
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--csv", metavar="PATH")
-    g.add_argument("--parquet", metavar="PATH")
+    g.add_argument("--csv", metavar="PATH", help="write the table as CSV")
+    g.add_argument("--parquet", metavar="PATH", help="write the table as parquet")
     t.set_defaults(fn=_cmd_trials)
 
-    rep = sub.add_parser("report", help="(re)write <dir>/report/report.html")
-    rep.add_argument("dir")
-    rep.add_argument("--heldout", action="store_true", help="recompute the held-out comparison first")
+    rep = sub.add_parser("report", help="(re)write <dir>/report/report.html", parents=[common])
+    rep.add_argument("dir", help="the experiment directory")
+    rep.add_argument("--heldout", action="store_true", help="recompute the held-out comparison first (starts Ray)")
     rep.set_defaults(fn=_cmd_report)
 
-    e = sub.add_parser("export", help="save a policy as a Hugging Face checkpoint (save_pretrained)")
+    e = sub.add_parser("export", help="save a policy as a Hugging Face checkpoint (save_pretrained)", parents=[common])
     e.add_argument("dir", help="experiment directory")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--trial", help="ROUND-NUMBER of the trial to export (default: the best)")
     e.set_defaults(fn=_cmd_export)
 
-    v = sub.add_parser("evaluate", help="multiple-choice accuracy of a model, optionally under a policy")
+    v = sub.add_parser("evaluate", help="multiple-choice accuracy of a model, optionally under a policy",
+                       parents=[common])
     v.add_argument("--model", default="tiny", help="tiny, a hub id or a local checkpoint directory")
-    v.add_argument("--data", default="synthetic", help="synthetic or scienceqa")
+    v.add_argument("--data", default="synthetic", choices=LazyChoices(_datasets), metavar="NAME",
+                   help="the data set: %(choices)s")
     v.add_argument("--source", help="hub id or local path of the data set")
-    v.add_argument("--split", default="heldout", choices=("heldout", "fewshot"))
-    v.add_argument("--n-shots", type=int, default=64)
-    v.add_argument("--heldout-size", type=int, default=512)
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--batch-size", type=int, default=32)
-    v.add_argument("--device", default="auto")
-    v.add_argument("--dtype", default="auto")
+    v.add_argument("--split", default="heldout", choices=("heldout", "fewshot"), help="which split to score")
+    v.add_argument("--n-shots", type=int, default=64, help="size of the few-shot split")
+    v.add_argument("--heldout-size", type=int, default=512, help="size of the held-out split")
+    v.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw")
+    v.add_argument("--batch-size", type=int, default=32, help="samples per forward pass")
+    v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    v.add_argument("--dtype", default="auto", choices=LazyChoices(_dtypes), metavar="DTYPE",
+                   help="weights' dtype: %(choices)s")
     pol = v.add_mutually_exclusive_group()
     pol.add_argument("--policy", help="policy.json to materialise before evaluating")
-    pol.add_argument("--uniform", type=float, help="prune every layer to this sparsity")
-    v.add_argument("--method", default="sparsegpt", help="sparsegpt, wanda or magnitude")
-    v.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8")
-    v.add_argument("--granularity", default="layer",
-                   help="units of --uniform: layer, sublayer (attention / MLP) or matrix (q, k, v, o, gate, up, down)")
+    pol.add_argument("--uniform", type=float, help="prune every unit to this sparsity")
+    v.add_argument("--method", default="sparsegpt", choices=LazyChoices(_methods), metavar="NAME",
+                   help="pruning method: %(choices)s")
+    v.add_argument("--pattern", default="unstructured", type=_pattern, help="unstructured or N:M, e.g. 2:4")
+    v.add_argument("--granularity", default="layer", choices=LazyChoices(_granularities), metavar="NAME",
+                   help="unit granularity (for --uniform): %(choices)s")
     v.add_argument("--projector", help="projector safetensors to load (from an experiment's projector/)")
     v.add_argument("--latency", action="store_true", help="also measure forward latency")
     v.set_defaults(fn=_cmd_evaluate)
@@ -183,9 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `efficientllava` console script."""
-    args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        args = build_parser().parse_args(argv)
+        configure(level_from_flags(getattr(args, "quiet", False), getattr(args, "verbose", False)))
         args.fn(args)
     except EfficientLLaVAError as exc:
         print(f"error: {exc}", file=sys.stderr)

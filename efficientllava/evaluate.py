@@ -1,9 +1,10 @@
-"""`efficientllava evaluate`: accuracy, throughput and size of a model, optionally under a policy."""
+"""`efficientllava evaluate` as a library call: accuracy, throughput and size of a model, optionally under a policy."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from efficientllava.config import ModelConfig
 from efficientllava.data import DataConfig
@@ -14,9 +15,44 @@ from efficientllava.policy import PruningPolicy
 from efficientllava.projector import load_projector
 from efficientllava.pruning.units import granularity_of, unit_names
 from efficientllava.scoring.accuracy import evaluate_accuracy
-from efficientllava.scoring.objective import PolicyScorer
+from efficientllava.scoring.objective import PolicyScorer, TrialScore
 from efficientllava.scoring.srm import SRMConfig
 from efficientllava.space import Budget, SearchSpace
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """What `evaluate` measured: the model, the data split, and the accuracy (and score under a policy)."""
+
+    model: str
+    parameters: int
+    size_bytes: int
+    dtype: str
+    device: str
+    data: str
+    split: str
+    accuracy: float
+    n: int
+    samples_per_s: float
+    correct: int | None = None  # dense evaluation only
+    policy: PruningPolicy | None = None
+    method: str | None = None
+    pattern: str | None = None
+    score: TrialScore | None = None  # every term, under a policy
+
+    def lines(self) -> list[str]:
+        """The report as the CLI prints it."""
+        header = (f"model {self.model}: {self.parameters / 1e6:.2f} M parameters ({self.size_bytes / 2**20:.1f} MiB "
+                  f"{self.dtype}) on {self.device}")
+        if self.score is None:
+            return [header, f"accuracy {self.accuracy:.4f} ({self.correct}/{self.n}) on {self.data}/{self.split}, "
+                            f"{self.samples_per_s:.1f} samples/s"]
+        s = self.score
+        return [header, f"policy {self.policy!r} ({self.method}, {self.pattern})",
+                f"accuracy {s.accuracy:.4f} on {self.data}/{self.split} (n={s.n_samples}), "
+                f"{self.samples_per_s:.1f} samples/s; mean sparsity {s.mean_sparsity:.3f}, "
+                f"kept {s.kept_fraction:.3f}, FLOPs speed-up {s.flops_speedup:.2f}x, SRM gap {s.gap:.4f}"
+                + (f", latency {s.latency_s * 1e3:.2f} ms/sample" if s.latency_s else "")]
 
 
 def policy_space(policy: PruningPolicy, method: str, pattern: str) -> SearchSpace:
@@ -30,42 +66,45 @@ def policy_space(policy: PruningPolicy, method: str, pattern: str) -> SearchSpac
                        pattern=pattern, name="evaluate").with_unit_levels(unit_levels)
 
 
-def evaluate_cli(args: argparse.Namespace) -> None:
-    """Run `efficientllava evaluate` and print one summary line (plus policy terms when given one)."""
-    # Argument errors first: loading a 7B model only to reject --batch-size 0 would waste minutes.
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.uniform is not None and not 0.0 <= args.uniform < 1.0:
-        raise ConfigError(f"--uniform {args.uniform}: a sparsity must be in [0, 1)")
-    policy = PruningPolicy.load(args.policy) if args.policy is not None else None
-    data = DataConfig(dataset=args.data, source=args.source, n_shots=args.n_shots, seed=args.seed,
-                      heldout_size=args.heldout_size)
-    pipeline = open_pipeline(ModelConfig(spec=args.model, dtype=args.dtype, device=args.device), data, args.batch_size)
-    if args.projector:
-        load_projector(pipeline.model, args.projector)
-    batches = pipeline.heldout_batches if args.split == "heldout" else pipeline.fewshot_batches
+def evaluate(*, model: ModelConfig, data: DataConfig, split: str = "heldout", batch_size: int = 32,
+             policy: PruningPolicy | str | Path | None = None, uniform: float | None = None,
+             method: str = "sparsegpt", pattern: str = "unstructured", granularity: str = "layer",
+             projector: str | Path | None = None, latency: bool = False) -> EvalReport:
+    """Evaluate `model` on `data`'s `split`: dense, under a policy (a PruningPolicy or a policy.json),
+    or pruned uniformly to `uniform` at `granularity`; the bank is cached under $EFFICIENTLLAVA_HOME/banks."""
+    # Argument errors first: loading a 7B model only to reject batch_size 0 would waste minutes.
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    if uniform is not None and not 0.0 <= uniform < 1.0:
+        raise ConfigError(f"--uniform {uniform}: a sparsity must be in [0, 1)")
+    if split not in ("heldout", "fewshot"):
+        raise ConfigError(f"--split {split!r}: use heldout or fewshot")
+    if isinstance(policy, (str, Path)):
+        policy = PruningPolicy.load(policy)
+    pipeline = open_pipeline(model, data, batch_size)
+    if projector:
+        load_projector(pipeline.model, projector)
+    batches = pipeline.heldout_batches if split == "heldout" else pipeline.fewshot_batches
     loaded = pipeline.loaded
-    size = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    header = (f"model {args.model}: {loaded.num_parameters / 1e6:.2f} M parameters ({size / 2**20:.1f} MiB "
-              f"{str(loaded.dtype).removeprefix('torch.')}) on {loaded.device}")
-    if args.policy is None and args.uniform is None:
+    def report(**measured: Any) -> EvalReport:
+        return EvalReport(model=model.spec, parameters=loaded.num_parameters,
+                          size_bytes=sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
+                          dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device),
+                          data=data.dataset, split=split, **measured)
+
+    if policy is None and uniform is None:
         result = evaluate_accuracy(loaded.model, batches)
-        print(header)
-        print(f"accuracy {result.accuracy:.4f} ({sum(result.correct)}/{result.n}) on {args.data}/{args.split}, "
-              f"{result.samples_per_s:.1f} samples/s")
-        return
+        return report(accuracy=result.accuracy, n=result.n, samples_per_s=result.samples_per_s,
+                      correct=sum(result.correct))
     if policy is None:
-        policy = PruningPolicy.uniform(unit_names(pipeline.num_layers, args.granularity), args.uniform)
-    space = policy_space(policy, args.method, args.pattern)
+        assert uniform is not None
+        policy = PruningPolicy.uniform(unit_names(pipeline.num_layers, granularity), uniform)
+    space = policy_space(policy, method, pattern)
     policy.validate(space.unit_names(pipeline.num_layers))
     # Calibrated on the few-shot split (as in a search); cached under $EFFICIENTLLAVA_HOME/banks.
-    bank = pipeline.bank(space, Path(home_dir()) / "banks", 0, log=True)
+    bank = pipeline.bank(space, Path(home_dir()) / "banks", 0, log=False)
     # No budget here: this scores one given policy, on the split asked for.
     scorer = PolicyScorer(pipeline.model, batches, bank, None, SRMConfig(), pipeline.cost_model(space.granularity))
-    score = scorer.score(policy, latency=args.latency)
-    print(header)
-    print(f"policy {policy!r} ({args.method}, {args.pattern})")
-    print(f"accuracy {score.accuracy:.4f} on {args.data}/{args.split} (n={score.n_samples}), "
-          f"{score.n_samples / score.eval_s:.1f} samples/s; mean sparsity {score.mean_sparsity:.3f}, "
-          f"kept {score.kept_fraction:.3f}, FLOPs speed-up {score.flops_speedup:.2f}x, SRM gap {score.gap:.4f}"
-          + (f", latency {score.latency_s * 1e3:.2f} ms/sample" if score.latency_s else ""))
+    score = scorer.score(policy, latency=latency)
+    return report(accuracy=score.accuracy, n=score.n_samples, samples_per_s=score.n_samples / score.eval_s,
+                  policy=policy, method=method, pattern=pattern, score=score)

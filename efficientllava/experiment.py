@@ -1,74 +1,56 @@
 """The experiment directory: the one place that knows where an experiment's files live.
 
-Layout of `<storage>/<name>-YYYYmmdd-HHMMSS/`:
+Layout of `<storage>/<name>-YYYYmmdd-HHMMSS/` (engine files; the problem adds its own, e.g.
+`spaces/` and `projector/` for the pruning problem):
 
     config.yaml              the resolved ExperimentConfig (space path absolute)
     study.journal            Optuna JournalStorage: one study `round-<r>` per round; the source of truth
-    state.json               status, current round, its RoundState, finished rounds' states (atomic writes)
+    state.json               format, status, current round, its RoundState, finished rounds' states (atomic)
     rounds/round-<r>/        Ray Tune's storage for round r (one `tune-<stamp>-<k>` run per start/resume),
-                             and timing-<start>.json per (re)start of the round (wall seconds, trials done)
-    trials/<r>-<number>.json one file per finished trial (written atomically by the trial itself)
+                             timing-<start>.json per (re)start of the round, workers-<start>.json
+    rounds/run-<start>.json  one per driver run: start, end, rounds run (whole-run timing)
+    trials/<r>-<number>.json one record per finished trial (written atomically by the driver)
     trials.parquet           the trial table, rewritten after each round and at the end
     best_policy.json         the best trial over all rounds
-    spaces/                  search-space YAMLs per round (written by the problem)
-    projector/               projector weights per version (written by the problem)
+    heldout.json             the problem's held-out comparison (when it has one)
 
-The experiment directory itself must be a local path. With `storage:` set to a URI (s3://, gs://)
-only Ray Tune's round folders go there; the experiment directory is then created under `./runs`
-(or where `experiment_dir` points) and, on a multi-node cluster, must be on a filesystem that every
-node mounts (NFS or similar), because trial actors write their trial JSONs into it and the Optuna
-journal file needs a shared, lockable file.
+Only the driver reads and writes this directory: workers get what they need through Ray, and trial
+results come back to the driver, so the directory lives only on the driver's node (no shared
+filesystem). With `storage:` set to a URI (s3://, gs://) only Ray Tune's round folders go there;
+the experiment directory is then created under `./runs` (or where `experiment_dir` points).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from efficientllava.atomic import write_json_atomic, write_text_atomic
 from efficientllava.config import ExperimentConfig, config_from_dict, config_to_dict
-from efficientllava.errors import ConfigError
-from efficientllava.search.problem import RoundState
+from efficientllava.errors import ConfigError, EfficientLLaVAError
+from efficientllava.search.api import RoundState
+
+__all__ = ["ExperimentDir", "create_experiment", "open_experiment", "write_json_atomic"]
 
 STATUS_CREATED = "created"
 STATUS_RUNNING = "running"
 STATUS_DONE = "done"
+# Version of the directory's layout. 2: problem-owned RoundState payloads with relative paths, engine
+# trial numbers, records written by the driver. Directories without one were written by 0.1.
+FORMAT = 2
 
 
 def is_uri(path: str) -> bool:
     """True for storage URIs like s3://bucket/x (anything with a scheme), False for local paths."""
     return "://" in str(path)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON so a reader (or a kill) sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(o: Any) -> Any:
-    """JSON fallback for numpy scalars and paths."""
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 class ExperimentDir:
@@ -92,8 +74,8 @@ class ExperimentDir:
     trials_dir = property(lambda self: self.root / "trials", doc="One JSON per finished trial.")
     trials_parquet = property(lambda self: self.root / "trials.parquet", doc="The trial table.")
     best_policy_path = property(lambda self: self.root / "best_policy.json", doc="Best trial.")
-    spaces_dir = property(lambda self: self.root / "spaces", doc="Search spaces per round.")
-    projector_dir = property(lambda self: self.root / "projector", doc="Projector weights.")
+    heldout_path = property(lambda self: self.root / "heldout.json", doc="Held-out comparison.")
+    lock_path = property(lambda self: self.root / ".driver.lock", doc="Held by the running driver.")
 
     def round_dir(self, r: int) -> Path:
         """Local Ray Tune storage of round `r`."""
@@ -106,7 +88,7 @@ class ExperimentDir:
         return str(self.round_dir(r))
 
     def trial_path(self, r: int, number: int) -> Path:
-        """The JSON of trial `number` (Optuna's number within round `r`'s study)."""
+        """The record of trial `number` of round `r` (the engine's number, not Optuna's)."""
         return self.trials_dir / f"{r}-{number}.json"
 
     def trial_paths(self) -> list[Path]:
@@ -123,35 +105,73 @@ class ExperimentDir:
             raise ConfigError(f"{self.config_path}: cannot read ({exc.strerror})") from exc
         return config_from_dict(d, self.config_path, resolve_space=False)
 
-    def storage(self):
-        """The Optuna storage holding every round's study (a journal file)."""
+    def storage(self) -> Any:
+        """The Optuna storage holding every round's study (a journal file, see `efficientllava.journal`)."""
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(str(self.journal_path)))
+        from efficientllava.journal import JournalBackend
+
+        return JournalStorage(JournalBackend(str(self.journal_path)))
 
     def read_state(self) -> dict[str, Any]:
-        """state.json as a mapping (keys: status, round, state, history, updated_at)."""
+        """state.json as a mapping (keys: format, status, round, state, history, updated_at)."""
         try:
             return json.loads(self.state_path.read_text())
         except FileNotFoundError:
-            return {"status": STATUS_CREATED, "round": 0, "state": None, "history": []}
+            return {"format": FORMAT, "status": STATUS_CREATED, "round": 0, "state": None, "history": []}
 
-    def write_state(self, status: str, round_: int, state: RoundState | None,
-                    history: list[RoundState]) -> None:
+    def check_format(self) -> None:
+        """Refuse to resume a directory written in another layout, with what to do instead."""
+        found = self.read_state().get("format", 1)
+        if found != FORMAT:
+            raise ConfigError(
+                f"{self.root} was written by {'an older' if found < FORMAT else 'a newer'} efficientllava "
+                f"(experiment format {found}, this version reads {FORMAT}) and cannot be resumed by it; "
+                f"start a new search with `efficientllava search {self.config_path}`, or resume it with "
+                f"the efficientllava version that created it"
+            )
+
+    def write_state(self, status: str, state: RoundState | None, history: list[RoundState]) -> None:
         """Write state.json atomically."""
         write_json_atomic(self.state_path, {
+            "format": FORMAT,
             "status": status,
-            "round": round_,
-            "state": asdict(state) if state is not None else None,
-            "history": [asdict(s) for s in history],
+            "round": state.round if state is not None else 0,
+            "state": state.to_json() if state is not None else None,
+            "history": [s.to_json() for s in history],
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
 
     def round_state(self) -> RoundState | None:
         """The current round's RoundState from state.json (None before round 0 is set up)."""
         s = self.read_state().get("state")
-        return RoundState(**s) if s else None
+        return RoundState.from_json(s) if s else None
+
+    def history(self) -> list[RoundState]:
+        """The states of the rounds finished so far (all rounds once the search is done)."""
+        return [RoundState.from_json(s) for s in self.read_state().get("history", [])]
+
+    @contextlib.contextmanager
+    def driver_lock(self) -> Iterator[None]:
+        """Hold the directory's driver lock: a second search or resume of it fails at once."""
+        with open(self.lock_path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                owner = fh.read().strip() or "another process"
+                raise EfficientLLaVAError(
+                    f"{self.root} is being searched by {owner}; wait for it to end (or stop it) "
+                    "before resuming"
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def create_experiment(cfg: ExperimentConfig, root: str | Path | None = None) -> ExperimentDir:
@@ -166,12 +186,10 @@ def create_experiment(cfg: ExperimentConfig, root: str | Path | None = None) -> 
             "or choose another directory"
         )
     exp = ExperimentDir(root)
-    for d in (exp.root, exp.trials_dir, exp.rounds_dir, exp.spaces_dir, exp.projector_dir):
+    for d in (exp.root, exp.trials_dir, exp.rounds_dir):
         d.mkdir(parents=True, exist_ok=True)
-    tmp = exp.config_path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, exp.config_path)
-    exp.write_state(STATUS_CREATED, 0, None, [])
+    write_text_atomic(exp.config_path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    exp.write_state(STATUS_CREATED, None, [])
     return exp
 
 

@@ -153,10 +153,12 @@ def export_policy(
 def export_experiment(experiment_dir: str | Path, out_dir: str | Path, trial: str | None = None) -> Path:
     """Export the best trial (or trial `ROUND-NUMBER`) of an experiment as an HF checkpoint + policy.json."""
     from efficientllava.experiment import open_experiment
-    from efficientllava.problem import open_round
-    from efficientllava.trials import best_record, read_records
+    from efficientllava.problem import open_trial_session
+    from efficientllava.search.api import TrialStatus
+    from efficientllava.trials import best_record, policy_of, read_records
 
     exp = open_experiment(experiment_dir)
+    exp.check_format()
     cfg = exp.load_config()
     if trial is None:
         rec = best_record(exp.root)
@@ -168,15 +170,16 @@ def export_experiment(experiment_dir: str | Path, out_dir: str | Path, trial: st
         except ValueError:
             raise ConfigError(f"--trial {trial!r}: expected ROUND-NUMBER, e.g. 0-12") from None
         matches = [x for x in read_records(exp.root) if (x["round"], x["number"]) == (r, n)]
-        if not matches or matches[0]["status"] != "COMPLETE":
+        if not matches or matches[0]["status"] != TrialStatus.COMPLETE.value:
             raise ConfigError(f"{exp.root}: no completed trial {trial}; see `efficientllava trials {exp.root}`")
         rec = matches[0]
-    pipeline, _, bank = open_round(cfg, exp.root, rec.get("projector_path"), int(rec.get("projector_version") or 0),
-                                   rec["space_path"])
+    session = open_trial_session(cfg, exp.root, rec)  # the trial's projector and bank, in this process
+    pipeline = session.pipeline
+    assert session.scorer is not None
     meta_file = Path(pipeline.loaded.path) / "efficientllava.json"
     source_meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
-    return export_policy(pipeline.model, pipeline.loaded.processor, Materializer(pipeline.model, bank),
-                         PruningPolicy.from_mapping(rec["policy"]), Path(out_dir), source_meta=source_meta,
+    return export_policy(pipeline.model, pipeline.loaded.processor, session.scorer.materializer,
+                         PruningPolicy.from_mapping(policy_of(rec)), Path(out_dir), source_meta=source_meta,
                          extra_meta={"experiment": str(exp.root), "round": rec["round"], "number": rec["number"],
                                      "objective": rec["objective"], "model": cfg.model.spec,
-                                     "projector_version": rec.get("projector_version")})
+                                     "projector_version": rec["result"].get("projector_version")})

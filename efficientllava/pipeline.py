@@ -11,10 +11,9 @@ import torch
 from efficientllava.config import ModelConfig
 from efficientllava.data import MULTIPLE_CHOICE, DataConfig, TaskData, load_task
 from efficientllava.errors import DataError
-from efficientllava.filelock import file_lock
 from efficientllava.models import LoadedModel, load_model
 from efficientllava.prompting import encode_batches
-from efficientllava.pruning.bank import MANIFEST, BankSpec, VariantBank, build_bank
+from efficientllava.pruning.bank import BankSpec, VariantBank, open_or_build
 from efficientllava.pruning.units import num_decoder_layers
 from efficientllava.scoring.cost import CostModel
 from efficientllava.scoring.objective import DEFAULT_FIDELITY, PolicyScorer
@@ -67,19 +66,18 @@ class Pipeline:
         """The variant-bank spec that covers every level `space` can choose."""
         units = space.unit_names(self.num_layers)
         return BankSpec(space.granularity, tuple((u, space.levels_for(u)) for u in units), space.method,
-                        space.pattern, space.percdamp, space.blocksize)
+                        space.pattern, space.method_options)
 
     def bank(self, space: SearchSpace, banks_dir: Path, projector_version: int = 0, log: bool = True) -> VariantBank:
-        """Open the bank for (space, few-shot set, projector version) under `banks_dir`, building it once."""
-        spec = self.bank_spec(space)
-        # Magnitude pruning ignores calibration inputs, so its bank survives projector updates.
-        inputs = "" if space.method == "magnitude" else f"{self.task.fingerprint}/projector-{projector_version}"
-        calibration = f"{self.loaded.path}|{inputs}"
-        root = Path(banks_dir) / spec.fingerprint(calibration)  # the directory is named by the manifest's fingerprint
-        with file_lock(root.with_suffix(".lock")):  # several trial actors may ask at once; one builds
-            if (root / MANIFEST).is_file():
-                return VariantBank.open(root)
-            return build_bank(self.model, self.fewshot_batches, spec, root, calibration, log=log)
+        """Open the bank for (space, few-shot set, projector version) under `banks_dir`, building it once.
+
+        The bank directory is named by a fingerprint of the spec, the checkpoint, the weights' dtype, the
+        bank format and (for methods that calibrate) the few-shot set and projector version; a method
+        that needs no statistics (magnitude) keeps one bank across projector updates.
+        """
+        return open_or_build(self.model, self.fewshot_batches, self.bank_spec(space), banks_dir,
+                             source=str(self.loaded.path),
+                             calibration=f"{self.task.fingerprint}/projector-{projector_version}", log=log)
 
     def scorer(self, space: SearchSpace, bank: VariantBank, srm: SRMConfig,
                fidelity: str = DEFAULT_FIDELITY) -> PolicyScorer:

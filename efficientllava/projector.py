@@ -30,10 +30,12 @@ from torch import nn
 
 from efficientllava.errors import ConfigError
 from efficientllava.families import family_of
+from efficientllava.log import get_logger
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import answer_logits
 
+logger = get_logger(__name__)
 
 @dataclass(frozen=True)
 class ProjectorResult:
@@ -231,10 +233,9 @@ def optimize_projector(
                     for m, p in zip(masters, params, strict=True):
                         p.copy_(m)
             if log and (step % every == 0 or step == steps - 1):
-                print(
-                    f"[projector] step {step + 1}/{steps}: loss {loss:.4f} "
-                    f"({len(policies)} policies, {time.perf_counter() - start:.1f}s)",
-                    flush=True,
+                logger.info(
+                    f"projector step {step + 1}/{steps}: loss {loss:.4f} "
+                    f"({len(policies)} policies, {time.perf_counter() - start:.1f}s)"
                 )
         loss_after = _mean_loss(model, batches, materializer, policies, backward=False)
         if loss_before is None:
@@ -254,8 +255,5 @@ def optimize_projector(
             m.training = mode
     seconds = time.perf_counter() - start
     if log:
-        print(
-            f"[projector] {steps} steps: loss {loss_before:.4f} -> {loss_after:.4f} in {seconds:.1f}s",
-            flush=True,
-        )
+        logger.info(f"projector: {steps} steps: loss {loss_before:.4f} -> {loss_after:.4f} in {seconds:.1f}s")
     return ProjectorResult(projector_state(model), loss_before, loss_after, steps, seconds)

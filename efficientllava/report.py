@@ -19,7 +19,10 @@ from matplotlib.transforms import blended_transform_factory
 from efficientllava.errors import ConfigError
 from efficientllava.experiment import open_experiment
 from efficientllava.pruning.units import is_unit, parse_unit, sort_units
+from efficientllava.search.api import METRIC, SIZE_METRIC, TrialStatus
 from efficientllava.trials import load_trials
+
+COMPLETE, ERROR = TrialStatus.COMPLETE.value, TrialStatus.ERROR.value
 
 OBJECTIVE_PNG, PARETO_PNG, SPARSITY_PNG = "objective.png", "pareto.png", "sparsity.png"
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -61,7 +64,7 @@ def _projector_losses(experiment_dir: str | Path | None) -> dict[int, dict[str, 
 
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
     """Completed trials with a finite objective."""
-    ok = df[df["status"] == "COMPLETE"]
+    ok = df[df["status"] == COMPLETE]
     return ok[np.isfinite(pd.to_numeric(ok["objective"], errors="coerce").to_numpy(dtype=float))]
 
 
@@ -81,12 +84,12 @@ def round_summary(df: pd.DataFrame, experiment_dir: str | Path | None = None) ->
     rows = []
     for r, g in df.groupby("round", sort=True):
         best = _best_row(g)
-        versions = g["projector_version"].dropna()
+        versions = g["projector_version"].dropna() if "projector_version" in g else pd.Series([], dtype="Int64")
         version = int(versions.iloc[-1]) if len(versions) else None
         loss = losses.get(version, {}) if version is not None else {}
         rows.append({
-            "round": int(r), "trials": len(g), "completed": int((g["status"] == "COMPLETE").sum()),
-            "errored": int((g["status"] == "ERROR").sum()),
+            "round": int(r), "trials": len(g), "completed": int((g["status"] == COMPLETE).sum()),
+            "errored": int((g["status"] == ERROR).sum()),
             **{c: _num(best.get(c)) if best is not None else math.nan
                for c in ("objective", "accuracy", "gap", "kept_fraction")},
             "projector_version": version,
@@ -124,7 +127,7 @@ def _plot_objective(df: pd.DataFrame, path: Path) -> str:
         ax.scatter(seq[g.index], g["objective"], s=18, color=f"C{i % 10}", label=f"round {r}")
     ax.step(seq[ok.index], ok["objective"].astype(float).cummax(), where="post", color="k", lw=1.2,
             label="running best")
-    err = df[df["status"] == "ERROR"]
+    err = df[df["status"] == ERROR]
     if len(err):  # on the x-axis itself: errored trials have no objective
         ax.scatter(seq[err.index], [0.0] * len(err), marker="x", color="red", clip_on=False, zorder=5,
                    transform=blended_transform_factory(ax.transData, ax.transAxes), label="error")
@@ -135,18 +138,20 @@ def _plot_objective(df: pd.DataFrame, path: Path) -> str:
     return _save(fig, path)
 
 
-def _plot_pareto(ok: pd.DataFrame, best: pd.Series, path: Path) -> str:
-    """Few-shot accuracy vs kept fraction of completed trials, their Pareto front and the best trial."""
+def _plot_pareto(ok: pd.DataFrame, best: pd.Series, path: Path, y: str = "accuracy") -> str:
+    """`y` (few-shot accuracy, or the objective of a two-objective search) vs kept fraction of completed
+    trials, their Pareto front and the best trial."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     for i, (r, g) in enumerate(ok.groupby("round", sort=True)):
-        ax.scatter(g["kept_fraction"], g["accuracy"], s=18, alpha=.7, color=f"C{i % 10}", label=f"round {r}")
-    front = pareto_front(ok)
-    ax.step(front["kept_fraction"], front["accuracy"], where="post", color="k", lw=1.2, marker="o", ms=3,
+        ax.scatter(g["kept_fraction"], g[y], s=18, alpha=.7, color=f"C{i % 10}", label=f"round {r}")
+    front = pareto_front(ok, y=y)
+    ax.step(front["kept_fraction"], front[y], where="post", color="k", lw=1.2, marker="o", ms=3,
             label="Pareto front")
-    ax.scatter([best["kept_fraction"]], [best["accuracy"]], marker="*", s=220, color="gold", edgecolor="k",
+    ax.scatter([best["kept_fraction"]], [best[y]], marker="*", s=220, color="gold", edgecolor="k",
                zorder=5, label=f"best objective (r{best['round']} #{best['number']})")
-    ax.set(xlabel="kept fraction (lower = more pruned)", ylabel="few-shot accuracy", title="Accuracy vs size")
+    label = "few-shot accuracy" if y == "accuracy" else y
+    ax.set(xlabel="kept fraction (lower = more pruned)", ylabel=label, title=f"{label.capitalize()} vs size")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never hides points
     return _save(fig, path)
 
@@ -218,6 +223,15 @@ def _cell(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def _two_objective(root: Path) -> bool:
+    """Whether the search ran a multi-objective sampler (best_policy.json then lists its Pareto set)."""
+    best = root / "best_policy.json"
+    try:
+        return "pareto" in json.loads(best.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _heldout_table(heldout: dict[str, Any]) -> pd.DataFrame:
     """Rows = compared policies, columns = their held-out figures."""
     if not isinstance(heldout, dict) or not all(isinstance(v, dict) for v in heldout.values()):
@@ -235,17 +249,23 @@ def write_report(experiment_dir: str | Path, heldout: dict[str, Any] | None = No
     df = load_trials(exp.root)
     ok, best = _completed(df), _best_row(df)
     state = exp.read_state()
+    two_objective = _two_objective(exp.root)
     e = html.escape
     parts = [f"<h1>EfficientLLaVA report — {e(exp.name)}</h1>",
              f"<p class=meta>status {e(str(state.get('status')))}, round {e(str(state.get('round')))}; "
-             f"{len(df)} trials ({len(ok)} completed, {int((df['status'] == 'ERROR').sum())} errored); "
+             f"{len(df)} trials ({len(ok)} completed, {int((df['status'] == ERROR).sum())} errored); "
              f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
     if best is None:
         parts.append("<p class=note>No completed trials yet: plots appear once a trial has finished.</p>")
     else:
         parts += ["<h2>Objective per trial</h2>", f'<img src="{_plot_objective(df, out / OBJECTIVE_PNG)}" '
                   'alt="objective per trial">']
-        if {"accuracy", "kept_fraction"} <= set(ok.columns) and len(pareto_front(ok)):
+        if two_objective and SIZE_METRIC in ok.columns and len(pareto_front(ok, y=METRIC)):
+            front = pareto_front(ok, y=METRIC)
+            parts += ["<h2>Objective vs kept fraction: the searched Pareto set</h2>",
+                      f'<img src="{_plot_pareto(ok, best, out / PARETO_PNG, y=METRIC)}" alt="objective vs kept fraction">',
+                      _table(front[[c for c in ("round", "number", METRIC, SIZE_METRIC, "accuracy") if c in front]])]
+        elif {"accuracy", "kept_fraction"} <= set(ok.columns) and len(pareto_front(ok)):
             parts += ["<h2>Accuracy vs kept fraction</h2>",
                       f'<img src="{_plot_pareto(ok, best, out / PARETO_PNG)}" alt="accuracy vs kept fraction">']
         if any(c.startswith("policy/") and pd.notna(best[c]) for c in best.index):

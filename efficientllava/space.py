@@ -14,9 +14,9 @@ import yaml
 
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.policy import PruningPolicy
+from efficientllava.pruning.methods import MethodOptions, PruningMethod, get_method
 from efficientllava.pruning.units import GRANULARITIES, is_unit, unit_granularity, unit_names, unit_sort_key
 
-METHODS = ("sparsegpt", "wanda", "magnitude")
 OVER_BUDGET = ("project", "repair", "penalize", "reject")
 BUDGET_KINDS = ("sparsity",)
 _PATTERN = re.compile(r"^(?:unstructured|(\d+):(\d+))$")
@@ -25,7 +25,7 @@ _LEVEL_DIGITS = 10  # grid levels are rounded so 0.1 * 3 is stored as 0.3
 
 _TOP_KEYS = ("name", "granularity", "levels", "unit_levels", "budget", "method", "pattern", "calibration")
 _BUDGET_KEYS = ("kind", "target", "tolerance", "over_budget", "penalty")
-_CALIB_KEYS = ("percdamp", "blocksize")
+_CALIB_KEYS = ("percdamp", "blocksize")  # the old `calibration:` section (SparseGPT's options), still read
 _GRID_KEYS = ("start", "stop", "step")
 
 
@@ -131,7 +131,11 @@ class Budget:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What a search may choose: a level per unit, under a budget, pruned by one method and pattern."""
+    """What a search may choose: a level per unit, under a budget, pruned by one method and pattern.
+
+    `method` names a registered pruning method; `method_options` are its options (a mapping is
+    validated into the method's options dataclass; None gives its defaults).
+    """
 
     granularity: str
     levels: tuple[float, ...]
@@ -139,8 +143,7 @@ class SearchSpace:
     unit_levels: tuple[tuple[str, tuple[float, ...]], ...] = ()  # per-unit overrides (space evolution)
     method: str = "sparsegpt"
     pattern: str = "unstructured"
-    percdamp: float = 0.01
-    blocksize: int = 128
+    method_options: MethodOptions | Mapping[str, Any] | None = None
     name: str = "space"
     _overrides: dict[str, tuple[float, ...]] = field(init=False, repr=False, compare=False, hash=False)
 
@@ -148,15 +151,10 @@ class SearchSpace:
         """Validate every field and normalise levels (sorted, unique)."""
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        if self.method not in METHODS:
-            raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        object.__setattr__(self, "method_options", get_method(self.method, self.method_options).options)
         nm = parse_pattern(self.pattern)
         if not isinstance(self.budget, Budget):
             raise ConfigError(f"budget must be a Budget, got {type(self.budget).__name__}")
-        if not _is_number(self.percdamp) or not (math.isfinite(self.percdamp) and self.percdamp > 0):
-            raise ConfigError(f"calibration.percdamp {self.percdamp!r} must be a number > 0")
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
-            raise ConfigError(f"calibration.blocksize {self.blocksize!r} must be an integer >= 1")
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"name {self.name!r} must be a non-empty string")
         if not isinstance(self.levels, (list, tuple)):
@@ -183,7 +181,11 @@ class SearchSpace:
         ordered = tuple(sorted(overrides.items(), key=lambda kv: unit_sort_key(kv[0])))
         object.__setattr__(self, "unit_levels", ordered)
         object.__setattr__(self, "_overrides", dict(ordered))
-        object.__setattr__(self, "percdamp", float(self.percdamp))
+
+    @property
+    def pruning_method(self) -> PruningMethod:
+        """The configured pruning method (with its options)."""
+        return get_method(self.method, self.method_options)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -228,9 +230,9 @@ class SearchSpace:
             "over_budget": self.budget.over_budget,
             "penalty": self.budget.penalty,
         }
-        out["method"] = self.method
+        options = self.pruning_method.options.as_dict()
+        out["method"] = {"name": self.method, **options} if options else self.method
         out["pattern"] = self.pattern
-        out["calibration"] = {"percdamp": self.percdamp, "blocksize": self.blocksize}
         return out
 
 
@@ -277,6 +279,27 @@ def _section(raw: dict[str, Any], key: str, allowed: tuple[str, ...]) -> dict[st
     return value
 
 
+def _method_from_yaml(raw: Any, calibration: Mapping[str, Any]) -> tuple[str, MethodOptions]:
+    """`method: <name>` or `method: {name: <name>, <option>: ...}`; the old `calibration:` keys fill options.
+
+    Old space files carry `calibration: {percdamp, blocksize}` whatever the method; keys the method
+    does not take are ignored there (they never applied), and `method:` options win over them.
+    """
+    if isinstance(raw, Mapping):
+        if not isinstance(raw.get("name"), str):
+            raise ConfigError(f"method {dict(raw)!r} needs a 'name' (a method name string)")
+        name, given = raw["name"], {k: v for k, v in raw.items() if k != "name"}
+    elif isinstance(raw, str):
+        name, given = raw, {}
+    else:
+        raise ConfigError(f"method must be a method name or a mapping with 'name', got {raw!r}")
+    fields = get_method(name).options.as_dict()
+    legacy = {k: v for k, v in calibration.items() if k in fields}
+    options = get_method(name, legacy, where="calibration").options.as_dict()
+    options.update(given)
+    return name, get_method(name, options, where="method").options
+
+
 def space_from_dict(raw: Any, name: str = "space") -> SearchSpace:
     """Build a `SearchSpace` from a parsed YAML mapping (errors name the key, not the file)."""
     if not isinstance(raw, dict):
@@ -287,13 +310,13 @@ def space_from_dict(raw: Any, name: str = "space") -> SearchSpace:
     for key in ("granularity", "levels", "budget"):
         if key not in raw:
             raise ConfigError(f"missing key {key!r}")
-    for key in ("granularity", "method", "pattern", "name"):
+    for key in ("granularity", "pattern", "name"):
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(f"{key} must be a string, got {raw[key]!r}")
     budget_raw = _section(raw, "budget", _BUDGET_KEYS)
     if "target" not in budget_raw:
         raise ConfigError("budget lacks 'target' (the least mean sparsity, in (0, 1))")
-    calib = _section(raw, "calibration", _CALIB_KEYS)
+    method, options = _method_from_yaml(raw.get("method", "sparsegpt"), _section(raw, "calibration", _CALIB_KEYS))
     unit_raw = raw.get("unit_levels") or {}
     if not isinstance(unit_raw, dict):
         raise ConfigError(
@@ -307,10 +330,9 @@ def space_from_dict(raw: Any, name: str = "space") -> SearchSpace:
         levels=tuple(_levels_from_yaml(raw["levels"], "levels")),
         budget=Budget(**budget_raw),
         unit_levels=unit_levels,
-        method=raw.get("method", "sparsegpt"),
+        method=method,
         pattern=raw.get("pattern", "unstructured"),
-        percdamp=calib.get("percdamp", 0.01),
-        blocksize=calib.get("blocksize", 128),
+        method_options=options,
         name=raw.get("name", name),
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_llava
+from helpers import random_llava
 
 from efficientllava.errors import ConfigError, DataError
 from efficientllava.pruning.calibrate import collect_stats

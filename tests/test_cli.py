@@ -67,19 +67,38 @@ def test_evaluate_directory_that_is_not_a_checkpoint(capsys, tmp_path):
 
 def test_evaluate_unknown_dataset(capsys, checkpoint):
     _fails(
-        capsys, ["evaluate", "--data", "nosuchdata", "--model", checkpoint], "unknown dataset 'nosuchdata'"
+        capsys, ["evaluate", "--data", "nosuchdata", "--model", checkpoint], "invalid choice: 'nosuchdata'",
+        "synthetic", "scienceqa",
     )
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [("--method", "sparsgpt", "sparsegpt"), ("--data", "sciencqa", "scienceqa"), ("--pattern", "2-4", "N:M"),
+     ("--granularity", "blocks", "sublayer")],
+)
+def test_evaluate_typos_fail_before_any_model_loads(capsys, flag, value, needle):
+    # "tinyy" cannot load: the typo must be reported instead, from the registries' names.
+    _fails(capsys, ["evaluate", "--model", "tinyy", flag, value], value, needle)
+
+
+def test_version(capsys):
+    from efficientllava import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"efficientllava {__version__}"
 
 
 @pytest.mark.parametrize(
     "flag, value, needle",
     [
         ("--device", "gpu", "unknown device 'gpu'"),
-        ("--dtype", "fp64", "unknown dtype 'fp64'"),
+        ("--dtype", "fp64", "invalid choice: 'fp64'"),
         ("--uniform", "1.5", "--uniform 1.5"),
         ("--uniform", "-0.1", "[0, 1)"),
         ("--batch-size", "0", "--batch-size 0"),
-        ("--granularity", "block", "granularity 'block'"),
+        ("--granularity", "block", "invalid choice: 'block'"),
     ],
 )
 def test_evaluate_bad_options(capsys, checkpoint, flag, value, needle):
@@ -159,3 +178,22 @@ def test_module_help():
     assert proc.returncode == 0, proc.stderr
     for command in ("search", "resume", "trials", "report", "export", "evaluate"):
         assert command in proc.stdout
+
+
+def test_resume_of_an_experiment_from_before_format_2_says_what_to_do(capsys, tmp_path):
+    """An experiment directory written by 0.1 (no format in state.json) is refused in one line, before Ray starts."""
+    import yaml
+
+    from efficientllava.config import config_from_dict, config_to_dict
+
+    old = tmp_path / "old"
+    (old / "trials").mkdir(parents=True)
+    cfg = config_from_dict({"name": "old", "space": str(REPO / "search_spaces" / "tiny.yaml")}, "old.yaml")
+    (old / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (old / "state.json").write_text(json.dumps({  # what 0.1 wrote
+        "status": "running", "round": 0, "history": [], "updated_at": "2026-11-20T10:00:00",
+        "state": {"round": 0, "projector_version": 0, "projector_path": None, "space_path": "/x/round-0.yaml"}}))
+    line = _fails(capsys, ["resume", str(old)], str(old), "older efficientllava", "format 1",
+                  "start a new search with `efficientllava search")
+    assert "\n" not in line
+    _fails(capsys, ["export", str(old), "--out", str(tmp_path / "x")], "older efficientllava")

@@ -59,11 +59,11 @@ def test_space_falls_back_to_cwd(tmp_path, space_file, monkeypatch):
 def test_full_config_round_trips(tmp_path, space_file):
     data = {
         "name": "toy-1",
-        "problem": "efficientllava.search.toy:QuadraticProblem",
+        "problem": "efficientllava.testing.toy:QuadraticProblem",
         "model": {"spec": "llava-hf/llava-1.5-7b-hf", "dtype": "bfloat16", "device": "cuda"},
         "data": {"dataset": "scienceqa", "n_shots": 64, "heldout_size": None},
         "space": str(space_file),
-        "objective": {"lam": 0.5, "delta": 0.1, "scale": 2, "aggregate": "mean"},
+        "objective": {"lam": 0.5, "delta": 0.1, "scale": 2, "aggregate": "product"},
         "search": {"rounds": 3, "trials_per_round": 10, "max_concurrent": 4, "seed": 7, "sampler": "nsga2",
                    "n_startup_trials": 0},
         "projector": {"enabled": False, "steps": 5, "lr": 0.01, "top_k": 2, "batch_size": 4, "weight_decay": 0.1},
@@ -90,7 +90,7 @@ def test_full_config_round_trips(tmp_path, space_file):
         ({"search": {"max_concurrent": 0}}, "search.max_concurrent", ">= 1"),
         ({"search": {"rounds": True}}, "search.rounds", "expected int"),
         ({"search": {"trials_per_round": 2.5}}, "search.trials_per_round", "expected int"),
-        ({"search": {"sampler": "cmaes"}}, "search.sampler", "tpe, random, nsga2"),
+        ({"search": {"sampler": "cmaess"}}, "search.sampler", "choose one of cmaes, "),
         ({"search": 3}, "search", "must be a mapping"),
         ({"objective": {"delta": 0}}, "objective.delta", "> 0"),
         ({"objective": {"aggregate": "max"}}, "objective.aggregate", "geometric_mean"),
@@ -102,6 +102,7 @@ def test_full_config_round_trips(tmp_path, space_file):
         ({"data": {"n_shots": 0}}, "data.n_shots", ">= 1"),
         ({"data": {"heldout_size": "all"}}, "data.heldout_size", "int or null"),
         ({"data": {"shots": 4}}, "data.shots", "n_shots"),
+        ({"data": {"dataset": "sciencqa"}}, "data.dataset", "choose one of synthetic, scienceqa"),
         ({"eval": {"batch_size": 0}}, "eval.batch_size", ">= 1"),
         ({"storage": 5}, "storage", "expected str"),
         ({"problem": "not a class path"}, "problem", "module:ClassName"),
@@ -118,6 +119,30 @@ def test_bad_values_name_file_and_key(tmp_path, space_file, patch, key, allowed)
     assert str(path) in msg
     assert key in msg
     assert allowed in msg
+
+
+def test_every_allowed_aggregate_is_one_scoring_accepts(tmp_path, space_file):
+    """The allowed values come from srm.AGGREGATES: one that loads never fails in a trial (and product loads)."""
+    from efficientllava.problem import srm_config
+    from efficientllava.scoring.srm import AGGREGATES
+
+    assert "product" in AGGREGATES
+    for aggregate in AGGREGATES:
+        cfg = load_config(write(tmp_path, {"space": str(space_file), "objective": {"aggregate": aggregate}}))
+        assert srm_config(cfg).aggregate == aggregate
+    with pytest.raises(ConfigError, match="objective.aggregate='mean' is not allowed; choose one of geometric_mean"):
+        load_config(write(tmp_path, {"space": str(space_file), "objective": {"aggregate": "mean"}}))
+
+
+def test_a_registered_sampler_is_a_valid_choice(tmp_path, space_file):
+    from efficientllava.search.samplers import _REGISTRY, register_sampler
+
+    register_sampler("config-test-sampler")(lambda search, seed, space: None)
+    try:
+        cfg = load_config(write(tmp_path, {"space": str(space_file), "search": {"sampler": "config-test-sampler"}}))
+        assert cfg.search.sampler == "config-test-sampler"
+    finally:
+        _REGISTRY.pop("config-test-sampler")
 
 
 def test_missing_space_is_an_error(tmp_path):

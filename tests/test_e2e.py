@@ -1,4 +1,7 @@
-"""End to end on the built-in tiny model: `efficientllava search` (2 rounds x 6 trials), then trials, export, resume.
+"""End to end on the built-in tiny model: `efficientllava search` (3 rounds x 6 trials), then trials, export, resume.
+
+It also shows the workers living across rounds on the real problem: each loads the model once per search
+(counted), every worker takes trials, the projector reaches them through Ray, one bank serves the search.
 
 Every step runs the installed `efficientllava` command in a subprocess, as a user would; Ray runs in
 each subprocess's own private temp dir, and every process of it is killed at the end.
@@ -25,7 +28,7 @@ from rayprocs import kill_ray
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-ROUNDS, TRIALS, STEPS = 2, 6, 5
+ROUNDS, TRIALS, STEPS = 3, 6, 5
 LAYERS = 6  # decoder layers of the built-in tiny model
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -62,7 +65,7 @@ def ok(result: subprocess.CompletedProcess) -> str:
 
 
 def write_config(tmp_path: Path) -> Path:
-    """experiments/tiny.yaml, reduced: 2 rounds x 6 trials, 5 projector steps, 128 held-out samples, storage in tmp_path."""
+    """experiments/tiny.yaml, reduced: 3 rounds x 6 trials, 5 projector steps, 128 held-out samples, storage in tmp_path."""
     cfg = yaml.safe_load((REPO / "experiments" / "tiny.yaml").read_text())
     cfg["space"] = str(REPO / "search_spaces" / "tiny.yaml")
     cfg["search"].update(rounds=ROUNDS, trials_per_round=TRIALS, max_concurrent=2)
@@ -125,11 +128,32 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
         projector = json.loads((root / "projector" / "projector-1.json").read_text())
         assert projector["round"] == 0 and projector["version"] == 1 and projector["steps"] == STEPS
         assert math.isfinite(projector["loss_before"]) and math.isfinite(projector["loss_after"])
-        banks = [p for p in (root / "banks").iterdir() if p.is_dir()]
-        assert len(banks) == ROUNDS, "one variant bank per projector version"
-        assert all((b / "manifest.json").is_file() for b in banks)
+        # One variant bank for the whole search (projector.rebuild_bank: false), in the node's bank cache:
+        # the experiment directory holds no bank.
+        assert not (root / "banks").exists()
+        banks = set(load_trials(root)["bank"])
+        assert len(banks) == 1, "one variant bank per search"
+        home = Path(os.environ.get("EFFICIENTLLAVA_HOME", Path.home() / ".cache" / "efficientllava"))
+        assert all((home / "banks" / b / "manifest.json").is_file() for b in banks)
+        # What a person sees: no traceback, our own lines (no Tune tables), one progress line per update.
+        log = (tmp_path / "search.log").read_text()
+        assert "Traceback" not in log and "Exception ignored" not in log and "== Status ==" not in log, log[-3000:]
+        ours = [line for line in log.splitlines() if line.startswith("[efficientllava]")]
+        assert sum("round 0: 6 trials" in line for line in ours) == 1 and any("report:" in line for line in ours)
+        print(f"search output: {len(log.splitlines())} lines, {len(ours)} of them [efficientllava] lines")
+        # Workers live across rounds: each loaded the model once for the whole search (the held-out check
+        # included: run-*.json is written after it), and every worker took trials.
+        for r in range(ROUNDS):
+            (infos,) = [json.loads(p.read_text()) for p in (root / "rounds" / f"round-{r}").glob("workers-*.json")]
+            assert sorted(i["worker"] for i in infos) == ["w0", "w1"]
+            assert [i["problem"]["model_loads"] for i in infos] == [1, 1], f"round {r}: {infos}"
+        (run,) = [json.loads(p.read_text()) for p in (root / "rounds").glob("run-*.json")]
+        assert [i["problem"]["model_loads"] for i in run["workers"]] == [1, 1]
+        assert set(load_trials(root)["worker"]) == {"w0", "w1"}, "every worker takes trials"
+        assert sorted(p.name for p in (root / "projector").glob("*.safetensors")) == [
+            f"projector-{v}.safetensors" for v in range(1, ROUNDS)]
 
-        # 2. The trial table: 12 typed rows over 2 rounds; round 1 ran with the optimised projector.
+        # 2. The trial table: 18 typed rows over 3 rounds; round r ran with projector v r, shipped to the workers.
         df = load_trials(root)
         assert len(df) == ROUNDS * TRIALS and (df["status"] == "COMPLETE").all()
         assert df["round"].dtype == "int64" and df["number"].dtype == "int64"
@@ -140,8 +164,8 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
                     "eval_s", "wall_s", *(f"policy/{u}" for u in units)):
             assert df[col].dtype == "float64", col
             assert df[col].notna().all(), col
-        assert df.groupby("round").size().to_dict() == {0: TRIALS, 1: TRIALS}
-        assert df.groupby("round")["projector_version"].unique().map(list).to_dict() == {0: [0], 1: [1]}
+        assert df.groupby("round").size().to_dict() == {r: TRIALS for r in range(ROUNDS)}
+        assert df.groupby("round")["projector_version"].unique().map(list).to_dict() == {r: [r] for r in range(ROUNDS)}
         parquet = pd.read_parquet(root / "trials.parquet")
         assert list(parquet.columns) == list(df.columns) and len(parquet) == len(df)
         assert parquet["objective"].tolist() == df["objective"].tolist()
@@ -152,7 +176,7 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
         assert best["objective"] == df["objective"].max()
         row = df[(df["round"] == best["round"]) & (df["number"] == best["number"])].iloc[0]
         assert row["objective"] == best["objective"]
-        space_b = load_space(best["space_path"])
+        space_b = load_space(root / best["state"]["space"])
         for unit, ratio in best["policy"].items():
             assert row[f"policy/{unit}"] == ratio
             assert any(abs(ratio - lv) < 1e-9 for lv in space_b.levels_for(unit)), (unit, ratio)
@@ -184,7 +208,7 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
         assert [tuple(int(x) for x in line.split()[:2]) for line in lines[1:]] == \
             list(zip(want["round"], want["number"], strict=True))
         out_csv = tmp_path / "out.csv"
-        assert "wrote 12 trials" in ok(cli(["trials", str(root), "--csv", str(out_csv)], markers[1],
+        assert f"wrote {ROUNDS * TRIALS} trials" in ok(cli(["trials", str(root), "--csv", str(out_csv)], markers[1],
                                            tmp_path / "csv.log", 120))
         csv = pd.read_csv(out_csv)
         assert list(csv.columns) == list(df.columns) and len(csv) == len(df)
@@ -206,10 +230,10 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
                 weighted, total = weighted + frac * w.numel(), total + w.numel()
         assert weighted / total >= space0.budget.floor - 1e-3
         assert json.loads((out / "policy.json").read_text())["ratios"] == best["policy"]
-        if best.get("projector_path"):  # the exported model carries the projector the best trial ran with
+        if best["state"].get("projector"):  # the exported model carries the projector the best trial ran with
             from safetensors.torch import load_file
 
-            trained = load_file(best["projector_path"])
+            trained = load_file(root / best["state"]["projector"])
             exported = model.model.multi_modal_projector.state_dict()
             for key, value in trained.items():
                 torch.testing.assert_close(exported[key], value.to(exported[key].dtype), msg=key)

@@ -8,20 +8,15 @@ import optuna
 import pytest
 
 from efficientllava.errors import ConfigError
-from efficientllava.search.samplers.evolution import (
-    BudgetEvolutionSampler,
-    LevelBudget,
-    LevelParam,
-    LevelSpace,
-    make_evolution,
-)
+from efficientllava.search.api import Param, Space, SpaceBudget
+from efficientllava.search.samplers.evolution import BudgetEvolutionSampler, make_evolution
 
 LEVELS = tuple(round(0.7 + 0.02 * i, 2) for i in range(15))
-PARAMS = tuple(LevelParam(f"u{i}", 0, 14, LEVELS, 1.0 if i % 2 == 0 else 1.5) for i in range(12))
-SPACE = LevelSpace(PARAMS, LevelBudget(0.92, 0.001))
+PARAMS = tuple(Param(f"u{i}", 0, 14, LEVELS, 1.0 if i % 2 == 0 else 1.5) for i in range(12))
+SPACE = Space(PARAMS, SpaceBudget(0.92, 0.001))
 
 
-def _mean(params: dict[str, int], space: LevelSpace = SPACE) -> float:
+def _mean(params: dict[str, int], space: Space = SPACE) -> float:
     total = sum(p.weight for p in space.params)
     return sum(p.weight * p.levels[params[p.name] - p.low] for p in space.params) / total  # type: ignore[index]
 
@@ -32,11 +27,11 @@ def _objective(trial: optuna.Trial) -> float:
     return -float((idx["u0"] - 3) ** 2 + (idx["u11"] - 14) ** 2)
 
 
-def _study(seed: int = 0, space: LevelSpace = SPACE) -> optuna.Study:
+def _study(seed: int = 0, space: Space = SPACE) -> optuna.Study:
     return optuna.create_study(direction="maximize", sampler=BudgetEvolutionSampler(space, seed))
 
 
-def _in_band(params: dict[str, int], space: LevelSpace = SPACE) -> bool:
+def _in_band(params: dict[str, int], space: Space = SPACE) -> bool:
     assert space.budget is not None
     lo, hi = space.budget.target - space.budget.tolerance, space.budget.target + space.budget.tolerance
     return lo - 1e-9 <= _mean(params, space) <= hi + 1e-9
@@ -94,16 +89,16 @@ def test_concurrent_trials_stay_in_band_and_differ() -> None:
 
 
 def test_unequal_weights_and_own_level_lists() -> None:
-    params = (LevelParam("a", 0, 2, (0.0, 0.5, 0.9), 3.0), LevelParam("b", 0, 4, (0.1, 0.3, 0.5, 0.7, 0.9), 1.0),
-              LevelParam("c", 1, 3, (0.2, 0.5, 0.8), 2.0))
-    space = LevelSpace(params, LevelBudget(0.5, 0.1))
+    params = (Param("a", 0, 2, (0.0, 0.5, 0.9), 3.0), Param("b", 0, 4, (0.1, 0.3, 0.5, 0.7, 0.9), 1.0),
+              Param("c", 1, 3, (0.2, 0.5, 0.8), 2.0))
+    space = Space(params, SpaceBudget(0.5, 0.1))
     study = optuna.create_study(direction="minimize", sampler=BudgetEvolutionSampler(space, 0))
     study.optimize(lambda t: float(sum(t.suggest_int(p.name, p.low, p.high) for p in params)), n_trials=40)
     assert all(_in_band(t.params, space) for t in study.trials)
 
 
 def test_no_budget_means_swaps_only_and_factory() -> None:
-    space = LevelSpace(PARAMS, None)
+    space = Space(PARAMS, None)
     sampler = make_evolution(None, 0, space)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     study.optimize(_objective, n_trials=10)
@@ -119,7 +114,7 @@ def test_bad_options_are_one_line_errors(kwargs: dict, match: str) -> None:
 
 
 def test_unreachable_band_is_a_config_error() -> None:
-    space = LevelSpace(PARAMS, LevelBudget(0.99, 0.001))
+    space = Space(PARAMS, SpaceBudget(0.99, 0.001))
     with pytest.raises(ConfigError, match="evolution"):
         BudgetEvolutionSampler(space, 0)
 
@@ -135,7 +130,7 @@ def test_unit_groups_and_group_moves_stay_in_band() -> None:
     assert names[:7] in groups  # a whole layer
     assert unit_groups(["u0", "u1"]) == []  # not unit names: single-parameter swaps only
     weights = {n: 1.0 if n.split(".")[-1] in "qkvo" else 2.0 for n in names}
-    space = LevelSpace(tuple(LevelParam(n, 0, 14, LEVELS, weights[n]) for n in names), LevelBudget(0.92, 0.001))
+    space = Space(tuple(Param(n, 0, 14, LEVELS, weights[n]) for n in names), SpaceBudget(0.92, 0.001))
     study = optuna.create_study(direction="maximize",
                                 sampler=BudgetEvolutionSampler(space, 0, group_moves=1.0))
     study.optimize(lambda t: -float(sum(t.suggest_int(n, 0, 14) * (i % 3) for i, n in enumerate(names))),

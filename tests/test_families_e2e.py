@@ -29,8 +29,8 @@ from efficientllava.export import export_experiment, measured_sparsity, saved_sp
 from efficientllava.families import family_for, family_names
 from efficientllava.projector import projector_state
 from efficientllava.pruning.units import prunable_units, unit_names
-from efficientllava.search.driver import NAMESPACE
 from efficientllava.search.runner import run_search
+from efficientllava.search.workers import NAMESPACE
 from efficientllava.testing.tiny_families import save_tiny_family
 from efficientllava.trials import load_trials
 

@@ -123,7 +123,7 @@ def test_ray_job_submit_runs_a_search_on_the_cluster(tmp_path):
 
         # The search inside the job joined the cluster it was submitted to (init_ray reads RAY_ADDRESS)
         # rather than starting a Ray of its own.
-        assert f"Connecting to existing Ray cluster at address: 127.0.0.1:{gcs}" in submit.stdout, submit.stdout[-6000:]
+        assert f"[efficientllava] joined the Ray cluster at 127.0.0.1:{gcs}" in submit.stdout, submit.stdout[-6000:]
         assert "Started a local Ray instance" not in submit.stdout
         assert f"[efficientllava] experiment directory: {exp_dir}" in submit.stdout
 

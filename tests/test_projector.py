@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MAGNITUDE_SPEC, SMALL
+from helpers import MAGNITUDE_SPEC, SMALL
 from safetensors.torch import save_file
 
 from efficientllava.data.synthetic import make_synthetic

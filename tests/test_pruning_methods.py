@@ -9,10 +9,12 @@ import torch
 
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.pruning.calibrate import LayerStats
-from efficientllava.pruning.masks import nm_mask, unstructured_mask
-from efficientllava.pruning.methods import METHODS, needs_hessian, prune_weight
+from efficientllava.pruning.masks import level_index, nm_mask, unstructured_mask
+from efficientllava.pruning.methods import get_method, prune_weight
+from efficientllava.pruning.methods.sparsegpt import sparsegpt_prune
 from efficientllava.pruning.patterns import Pattern
-from efficientllava.pruning.sparsegpt import sparsegpt_prune
+
+METHODS = ("sparsegpt", "wanda", "magnitude", "obs_mask")  # the built-in methods
 
 ROWS, COLS, TOKENS = 48, 96, 384
 
@@ -34,6 +36,9 @@ def layer(rows: int = ROWS, cols: int = COLS, seed: int = 0) -> tuple[torch.Tens
 
 
 def prune(method: str, w, stats, sparsity, pattern, **kw):
+    """prune_weight; SparseGPT-only options (blocksize, percdamp) are dropped for the other methods."""
+    if method != "sparsegpt":
+        kw = {}
     return prune_weight(method, w, stats, sparsity, Pattern.parse(pattern), **kw)
 
 
@@ -43,7 +48,7 @@ def test_unstructured_sparsity_is_exact(method, sparsity):
     w, stats, _ = layer()
     out = prune(method, w, stats, sparsity, "unstructured", blocksize=40)  # 40 does not divide 96
     zeros = out == 0
-    if method == "wanda":  # per output row
+    if get_method(method).scope == "row":  # wanda: per output row
         assert (zeros.sum(1) == math.floor(sparsity * COLS)).all()
     else:  # per matrix
         assert zeros.sum().item() == math.floor(sparsity * w.numel())
@@ -181,7 +186,7 @@ def test_bad_inputs_give_clear_errors():
             )
         with pytest.raises(PolicyError, match=r"out of range"):
             prune(method, w, stats, 1.0, "unstructured")
-    with pytest.raises(ConfigError, match="'obs'.*sparsegpt, wanda, magnitude"):
+    with pytest.raises(ConfigError, match="'obs'.*magnitude, obs_mask, sparsegpt, wanda"):
         prune_weight("obs", w, stats, 0.5, Pattern())
     with pytest.raises(ConfigError, match="'1:4'.*unstructured, 2:4, 4:8"):
         Pattern.parse("1:4")
@@ -189,12 +194,34 @@ def test_bad_inputs_give_clear_errors():
         prune("sparsegpt", w, stats, 0.5, "4:8", blocksize=20)
     with pytest.raises(ConfigError, match="raise percdamp"):
         sparsegpt_prune(w, torch.ones(COLS, COLS), 0.5, Pattern(), percdamp=0.0)
-    with pytest.raises(ValueError, match="Hessian"):
-        prune_weight("sparsegpt", w, LayerStats(None, stats.col_sq_norm, 1), 0.5, Pattern())
+    for method in ("sparsegpt", "obs_mask"):
+        with pytest.raises(ValueError, match="Hessian"):
+            prune_weight(method, w, LayerStats(None, stats.col_sq_norm, 1), 0.5, Pattern())
+    with pytest.raises(ValueError, match="calibration statistics"):
+        prune_weight("wanda", w, None, 0.5, Pattern())
+    with pytest.raises(ConfigError, match="method.percdamp"):
+        get_method("sparsegpt", {"percdamp": 0})
+    with pytest.raises(ConfigError, match="unknown key 'blocksize'.*'wanda'"):
+        get_method("wanda", {"blocksize": 8})
 
 
 def test_pattern_round_trip_and_hessian_need():
     for spec in ("unstructured", "2:4", "4:8"):
         assert str(Pattern.parse(spec)) == spec
     assert Pattern.parse("2:4").is_nm and not Pattern().is_nm
-    assert [needs_hessian(m) for m in METHODS] == [True, False, False]
+    assert [get_method(m).stats == "hessian" for m in METHODS] == [True, False, False, True]
+    assert [get_method(m).nested for m in METHODS] == [False, True, True, True]
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_level_index_agrees_with_lowest_mask_on_ties_signs_and_zeros(per_row):
+    """The radix-sorted level index prunes exactly what the float sort does, -0.0 == +0.0 included."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (6, 16), generator=g).float() * 0.5
+    scores[0, :4] = -0.0
+    levels = [i / 16 for i in range(1, 16)]
+    index = level_index(scores, levels, Pattern(), per_row)
+    for k, level in enumerate(levels, start=1):
+        assert torch.equal(index < k, unstructured_mask(scores, level, per_row)), level
+    nm = level_index(scores, [0.5], Pattern(2, 4), False)
+    assert torch.equal(nm < 1, nm_mask(scores, 2, 4))

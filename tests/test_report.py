@@ -14,34 +14,35 @@ from efficientllava.config import config_from_dict
 from efficientllava.errors import ConfigError
 from efficientllava.experiment import create_experiment, write_json_atomic
 from efficientllava.report import pareto_front, round_summary, unit_order, write_report
-from efficientllava.search.problem import RoundState
-from efficientllava.search.trainable import trial_record
-from efficientllava.trials import load_trials
+from efficientllava.search.api import RoundState
+from efficientllava.trials import load_trials, trial_record
 
 UNITS = [f"layer.{i}.{p}" for i in range(12) for p in ("attn", "mlp")]
 
 
-def _result(acc: float, kept: float, sparsity: float) -> dict:
+def _result(acc: float, kept: float, sparsity: float, projector_version: int = 0) -> dict:
     """A result shaped like PruningProblem.evaluate's (TrialScore terms + policy + provenance)."""
     return {"objective": acc - 0.1, "accuracy": acc, "gap": 0.1, "capacity": 0.9, "lam": 1.0,
             "mean_sparsity": 1 - kept, "kept_fraction": kept, "within_budget": True, "budget_penalty": 0.0,
             "flops_per_sample": 1e9, "flops_speedup": 1 / kept, "n_samples": 16, "eval_s": 0.5,
             "latency_s": None, **{f"policy/{u}": sparsity for u in UNITS}, "policy_key": "k", "repaired": False,
-            "bank": "b", "fewshot": "f"}
+            "projector_version": projector_version, "bank": "b", "fewshot": "f"}
 
 
 def _experiment(tmp_path, trials: list[tuple[int, int, dict | None]], projector: bool = True):
-    """An experiment dir with trial JSONs written as the trainable writes them: (round, number, result|None=error)."""
+    """An experiment dir with trial records written as the driver writes them: (round, number, result|None=error)."""
     exp = create_experiment(config_from_dict({"name": "t", "space": "s.yaml"}, resolve_space=False), tmp_path / "e")
     for r, n, result in trials:
-        state = RoundState(r, r, None, "s.yaml")
+        state = RoundState(r, {"space": f"spaces/round-{r}.yaml", "projector_version": r})
+        now = time.time()
         rec = trial_record(state=state, number=n, trial_id=f"{r}-{n}", params={"layer.0.attn": 1}, result=result,
-                           error=None if result else "RuntimeError: boom", started=time.time(), eval_s=0.1,
-                           retry_of=None)
+                           error=None if result else "RuntimeError: boom", started=now, finished=now + 0.1,
+                           eval_s=0.1, retry_of=None)
         write_json_atomic(exp.trial_path(r, n), rec)
     if projector:
-        (exp.projector_dir / "projector-1.json").write_text(json.dumps({"version": 1, "loss_before": 2.0,
-                                                                        "loss_after": 1.5}))
+        (exp.root / "projector").mkdir(exist_ok=True)
+        (exp.root / "projector" / "projector-1.json").write_text(json.dumps({"version": 1, "loss_before": 2.0,
+                                                                              "loss_after": 1.5}))
     return exp
 
 
@@ -65,7 +66,7 @@ def test_unit_order_is_numeric_attn_before_mlp() -> None:
 
 def test_round_summary_counts_best_and_projector_loss(tmp_path) -> None:
     exp = _experiment(tmp_path, [(0, 0, _result(0.6, 0.5, 0.5)), (0, 1, None), (0, 2, _result(0.8, 0.7, 0.3)),
-                                 (1, 0, _result(0.7, 0.4, 0.6))])
+                                 (1, 0, _result(0.7, 0.4, 0.6, projector_version=1))])
     s = round_summary(load_trials(exp.root), exp.root).set_index("round")
     assert s.loc[0, ["trials", "completed", "errored"]].tolist() == [3, 2, 1]
     assert s.loc[0, "best_objective"] == pytest.approx(0.7) and s.loc[0, "kept_fraction"] == pytest.approx(0.7)

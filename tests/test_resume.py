@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import check_resumed, unfinished_trials
 from optuna.trial import TrialState
 from rayprocs import kill_ray, ray_processes
 
-from efficientllava.experiment import open_experiment
 from efficientllava.search.study import open_study
 
 pytestmark = pytest.mark.slow
@@ -29,11 +29,11 @@ SPACE = {"params": {f"x_{i}": [0, 99] for i in range(6)}, "target": 30, "sleep_s
 
 
 def runner(args: list[str], ray_tmp: str, log: Path) -> subprocess.Popen:
-    """Start `python -m efficientllava.search.runner ARGS` in its own session with a private Ray temp dir."""
+    """Start `python -m efficientllava.cli ARGS` in its own session with a private Ray temp dir."""
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "efficientllava.search.runner", *args],
+        [sys.executable, "-m", "efficientllava.cli", *args],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
 
@@ -46,7 +46,7 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump({
         "name": "kill",
-        "problem": "efficientllava.search.toy:QuadraticProblem",
+        "problem": "efficientllava.testing.toy:QuadraticProblem",
         "space": "space.yaml",
         "search": {"rounds": ROUNDS, "trials_per_round": TRIALS, "max_concurrent": 2, "n_startup_trials": TRIALS},
     }))
@@ -54,7 +54,8 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     # Short paths: Ray's unix sockets live under the temp dir and must stay under 107 characters.
     tmp1, tmp2 = tempfile.mkdtemp(prefix="elr", dir="/tmp"), tempfile.mkdtemp(prefix="elr", dir="/tmp")
     try:
-        proc = runner([str(tmp_path / "exp.yaml"), "--dir", str(root)], tmp1, tmp_path / "run.log")
+        proc = runner(["search", str(tmp_path / "exp.yaml"), "--dir", str(root), "--no-heldout"], tmp1,
+                      tmp_path / "run.log")
         deadline = time.time() + 150
         while len(list((root / "trials").glob("0-*.json"))) < 3:
             assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
@@ -68,15 +69,9 @@ def test_sigkill_mid_round_then_resume(tmp_path):
         before = {name: (root / "trials" / name).read_bytes() for name in records(root)}
         n_before = len(before)
         assert 3 <= n_before < TRIALS, f"kill should land mid round 0, got {sorted(before)}"
-        exp = open_experiment(root)
-        assert json.loads(exp.state_path.read_text())["status"] == "running"
-        study0 = open_study(exp, 0).get_trials()
-        running = [t.number for t in study0 if t.state == TrialState.RUNNING]
-        assert running, "some trials should have been in flight at the kill"
-        unfinished = {t.number for t in study0 if t.state == TrialState.RUNNING and f"0-{t.number}.json" not in before}
-        unfinished_params = {t.number: t.params for t in study0 if t.number in unfinished}
+        unfinished = unfinished_trials(root, before)
 
-        resumed = runner(["--resume", str(root)], tmp2, tmp_path / "resume.log")
+        resumed = runner(["resume", str(root), "--no-heldout"], tmp2, tmp_path / "resume.log")
         rc = resumed.wait(timeout=240)
         assert rc == 0, (tmp_path / "resume.log").read_text()[-5000:]
         kill_ray(tmp2)
@@ -85,39 +80,7 @@ def test_sigkill_mid_round_then_resume(tmp_path):
             kill_ray(marker)
             shutil.rmtree(marker, ignore_errors=True)
 
-    # 1. Every trial JSON written before the kill is still there, byte for byte.
-    for name, data in before.items():
-        assert (root / "trials" / name).read_bytes() == data, name
-    recs = records(root)
-    # 2. Each round has exactly TRIALS finished trials (the toy never errors here), and nothing was
-    #    evaluated twice: the only repeated params are re-enqueued trials that had not finished.
-    for r in range(ROUNDS):
-        done = [rec for rec in recs.values() if rec["round"] == r]
-        assert len(done) == TRIALS and all(rec["status"] == "COMPLETE" for rec in done)
-        keys = [tuple(sorted(rec["params"].items())) for rec in done]
-        assert len(set(keys)) == len(keys), f"round {r}: some params were evaluated twice"
-    retries = {rec["retry_of"]: rec for rec in recs.values() if rec["retry_of"] is not None}
-    assert set(retries) <= unfinished, "only interrupted trials are re-run"
-    for number, rec in retries.items():
-        # The retry replays every param recorded before the kill; a trial killed while its params were
-        # still being sampled (define-by-run) has only some recorded, and the rest are sampled anew.
-        assert rec["round"] == 0 and unfinished_params[number].items() <= rec["params"].items()
-        assert unfinished_params[number], "an interrupted trial with no recorded params is not a retry"
-    # 3. The study kept its pre-kill history, and agrees with the JSONs.
-    trials0 = {t.number: t for t in open_study(exp, 0).get_trials()}
-    for name in before:
-        rec = recs[name]
-        t = trials0[rec["number"]]
-        assert t.state == TrialState.COMPLETE and t.value == rec["objective"] and t.params == rec["params"]
-    assert not [t for t in trials0.values() if t.state == TrialState.RUNNING]
-    for n in unfinished:
-        assert trials0[n].state == TrialState.FAIL
-    # 4. The search finished: both rounds, the table and the best policy.
-    state = json.loads(exp.state_path.read_text())
-    assert state["status"] == "done" and state["round"] == ROUNDS - 1
-    best = json.loads(exp.best_policy_path.read_text())
-    assert best["objective"] == max(rec["objective"] for rec in recs.values())
-    assert exp.trials_parquet.is_file()
+    check_resumed(root, before, unfinished, ROUNDS, TRIALS)
     assert "resuming with" in (tmp_path / "resume.log").read_text()
 
 
@@ -126,7 +89,7 @@ def _toy_experiment(tmp_path: Path):
     from efficientllava.experiment import create_experiment
 
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {"x_0": [0, 99]}}))
-    cfg = config_from_dict({"name": "rec", "problem": "efficientllava.search.toy:QuadraticProblem",
+    cfg = config_from_dict({"name": "rec", "problem": "efficientllava.testing.toy:QuadraticProblem",
                             "space": str(tmp_path / "space.yaml")}, tmp_path / "exp.yaml")
     return create_experiment(cfg, tmp_path / "exp")
 
@@ -150,6 +113,7 @@ def test_reconcile_tells_fails_and_reenqueues_once(tmp_path):
     trials = [study.ask() for _ in range(5)]
     for i, t in enumerate(trials):
         t.suggest_int("x_0", i, i)
+        t.set_user_attr("number", i)
     study.tell(trials[0], 0.0)
     _record(exp, 0, 0, "COMPLETE")  # finished normally
     _record(exp, 1, 1, "COMPLETE")  # killed after its JSON, before Tune told Optuna
@@ -192,3 +156,51 @@ def test_repair_journal_drops_a_torn_last_line(tmp_path):
     reopened = open_study(exp, 0)
     reopened.tell(reopened.ask(), 2.0)
     assert [t.value for t in open_study(exp, 0).get_trials()] == [1.0, 2.0]
+
+
+def test_reconcile_cases_of_a_driver_killed_around_tune(tmp_path):
+    """Trial identity is the engine's number: a FAIL that lost its record re-runs once; a trial killed
+    before it got a number never ran (failed, not re-run); history added without numbers counts."""
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    from efficientllava.search.study import reconcile_round
+
+    exp = _toy_experiment(tmp_path)
+    study = open_study(exp, 0)
+    study.add_trial(create_trial(params={"x_0": 7}, distributions={"x_0": IntDistribution(0, 99)}, value=-7.0))
+    a, b = study.ask(), study.ask()
+    a.suggest_int("x_0", 5, 5)
+    a.set_user_attr("number", 0)
+    study.tell(a, state=TrialState.FAIL)  # Tune failed it (worker died); the driver died before the record
+    b.suggest_int("x_0", 6, 6)  # asked, then killed before the searcher numbered it
+
+    p = reconcile_round(exp, 0, 3, retry_errors=False)
+    assert p.interrupted == (0,) and p.told == ()
+    assert (p.done, p.remaining) == (1, 2)  # the history trial counts; the retry of 0 runs again
+    after = open_study(exp, 0).get_trials()
+    assert after[2].state == TrialState.FAIL  # the unnumbered one, failed and not re-enqueued
+    waiting = [t for t in after if t.state == TrialState.WAITING]
+    assert [(t.user_attrs["retry_of"], t.system_attrs["fixed_params"]) for t in waiting] == [(0, {"x_0": 5})]
+    assert reconcile_round(exp, 0, 3, retry_errors=True).interrupted == ()  # idempotent
+
+
+def test_journal_syncs_at_state_changes_only(tmp_path, monkeypatch):
+    """One fsync per trial (at its tell), not one per parameter; everything before it is flushed with it."""
+    import optuna
+    from optuna.distributions import IntDistribution
+
+    import efficientllava.journal as journal
+
+    exp = _toy_experiment(tmp_path)
+    study = open_study(exp, 0)
+    syncs = []
+    monkeypatch.setattr(journal.os, "fsync", lambda fd: syncs.append(fd))
+    dist = {f"x_{i}": IntDistribution(0, 9) for i in range(12)}
+    trial = study.ask(fixed_distributions=dist)
+    trial.set_user_attr("number", 0)
+    assert syncs == []
+    study.tell(trial, 1.0)
+    assert len(syncs) == 1
+    reread = optuna.load_study(study_name="round-0", storage=exp.storage()).trials[0]
+    assert reread.params == trial.params and reread.user_attrs == {"number": 0} and reread.value == 1.0

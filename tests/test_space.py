@@ -42,7 +42,8 @@ def test_shipped_spaces_load() -> None:
         space = load_space(SPACES / f"{name}.yaml")
         assert space.name == name and space.granularity == "sublayer"
         assert len(space.levels) == 17 and space.levels[1] == 0.05 and space.levels[-1] == 0.8
-        assert (space.percdamp, space.blocksize, space.budget.target) == (0.01, 128, 0.5)
+        opts = space.method_options
+        assert (opts.percdamp, opts.blocksize, space.budget.target) == (0.01, 128, 0.5)
         assert len(space.unit_names(layers)) == 2 * layers
 
 
@@ -85,6 +86,11 @@ def test_grid_includes_stop_within_float_tolerance(tmp_path) -> None:
         (GOOD + "calibration: {percdamp: -1}\n", "calibration.percdamp"),
         (GOOD + "calibration: {blocksize: 1.5}\n", "calibration.blocksize"),
         (GOOD + "calibration: {damp: 1}\n", "damp"),
+        (GOOD + "method: {name: sparsegpt, percdamp: 0}\n", "method.percdamp"),
+        (GOOD + "method: {name: sparsegpt, damp: 1}\n", "damp"),
+        (GOOD + "method: {name: wanda, blocksize: 64}\n", "blocksize"),
+        (GOOD + "method: {percdamp: 0.1}\n", "name"),
+        (GOOD + "method: {name: obs}\n", "obs"),
         (GOOD + "unit_levels: {layer.2.mlp: [0.1]}\n", "unit_levels"),
         (GOOD + "unit_levels: {layer.2: [0.1, 1.2]}\n", "unit_levels.layer.2"),
         (GOOD + "unit_levels: {layer.2: []}\n", "unit_levels.layer.2"),
@@ -216,3 +222,18 @@ def test_repair_unreachable_budget_raises() -> None:
     space = SearchSpace("layer", (0.0, 0.2), Budget(0.5))
     with pytest.raises(PolicyError, match="cannot meet its budget"):
         repair(PruningPolicy.uniform(UNITS, 0.0), space, WEIGHTS)
+
+
+def test_method_with_options_and_the_old_calibration_section(tmp_path) -> None:
+    new = load_space(write(tmp_path, GOOD + "method: {name: sparsegpt, percdamp: 0.05, blocksize: 64}\n"))
+    assert new.method == "sparsegpt" and new.method_options.as_dict() == {"percdamp": 0.05, "blocksize": 64}
+    old = load_space(write(tmp_path, GOOD + "method: sparsegpt\ncalibration: {percdamp: 0.05, blocksize: 64}\n"))
+    assert old == new
+    assert "calibration" not in new.to_dict() and new.to_dict()["method"]["blocksize"] == 64
+    assert load_space(dump_space(new, tmp_path / "again.yaml")) == new
+    # Old round files wrote `calibration:` for every method; a method without those options ignores them.
+    wanda = load_space(write(tmp_path, GOOD + "method: wanda\ncalibration: {percdamp: 0.01, blocksize: 128}\n"))
+    assert wanda.method == "wanda" and wanda.to_dict()["method"] == "wanda"
+    obs = load_space(write(tmp_path, GOOD + "method: obs_mask\ncalibration: {percdamp: 0.2, blocksize: 128}\n"))
+    assert obs.method_options.as_dict() == {"percdamp": 0.2}
+    assert SearchSpace("layer", (0.0, 0.5), Budget(0.5), method="obs_mask").method_options.as_dict() == {"percdamp": 0.01}

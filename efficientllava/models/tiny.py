@@ -31,6 +31,7 @@ from transformers import (
 
 from efficientllava.data.synthetic import IMAGE_SIZE, generate, question_words
 from efficientllava.filelock import file_lock
+from efficientllava.log import get_logger
 from efficientllava.models.tokenizer import build_word_tokenizer
 from efficientllava.prompting import (
     COMPACT,
@@ -40,6 +41,8 @@ from efficientllava.prompting import (
     model_inputs,
 )
 from efficientllava.scoring.accuracy import evaluate_accuracy
+
+logger = get_logger(__name__)
 
 FORMAT_VERSION = 2  # bump when the training recipe changes, so old caches are not reused
 META_FILE = "efficientllava.json"  # prompt format and provenance, next to config.json
@@ -182,8 +185,8 @@ def train_tiny(cfg: TinyConfig, out_dir: Path, log: bool = True) -> dict:
             model.eval()
             acc, open_acc = evaluate_accuracy(model, heldout).accuracy, open_answer_accuracy(model, heldout_open)
             model.train()
-            print(f"[tiny] epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.3f}, held-out accuracy {acc:.3f} "
-                  f"(open-ended {open_acc:.3f}) ({time.perf_counter() - start:.0f}s)", flush=True)
+            logger.info(f"tiny model: epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.3f}, "
+                        f"held-out accuracy {acc:.3f} (open-ended {open_acc:.3f}) ({time.perf_counter() - start:.0f}s)")
     model.eval()
     meta = {"prompt_format": COMPACT, "tiny_config": dataclasses.asdict(cfg), "key": cfg.key(),
             "pretrain_heldout_accuracy": evaluate_accuracy(model, heldout).accuracy,
@@ -247,7 +250,7 @@ def _cached_tiny(cfg: TinyConfig) -> Path:
             final.with_suffix(".lock")):
         if (final / META_FILE).exists():
             return final
-        print(f"[tiny] training the built-in tiny LLaVA once (cached at {final}) ...", flush=True)
+        logger.info(f"training the built-in tiny LLaVA once (cached at {final}) ...")
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
         try:
             train_tiny(cfg, tmp)

@@ -53,3 +53,11 @@ def check_sparsity(sparsity: float, pattern: Pattern) -> float:
             f"or n/m = {pattern.n / pattern.m}"
         )
     return sparsity
+
+
+def check_nm_fits(pattern: Pattern, in_features: int) -> None:
+    """Raise PolicyError if an N:M pattern's m does not divide `in_features`."""
+    if pattern.is_nm and in_features % pattern.m:
+        raise PolicyError(
+            f"N:M pattern {pattern} needs in_features divisible by {pattern.m}, got {in_features}: use unstructured"
+        )

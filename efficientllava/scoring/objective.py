@@ -78,6 +78,10 @@ class PolicyScorer:
         self.n_samples = sum(int(b["input_ids"].shape[0]) for b in batches)
         self._reference: DenseReference | None = None
 
+    def reset_reference(self) -> None:
+        """Forget the dense distributions (the model's dense state changed: a new projector)."""
+        self._reference = None
+
     @property
     def reference(self) -> DenseReference:
         """The dense model's distributions on the few-shot batches (computed on first use)."""
@@ -88,6 +92,7 @@ class PolicyScorer:
 
     def gap(self, policy: PruningPolicy) -> tuple[float, float]:
         """(capacity, SRM gap) of `policy`, from the bank's stored norms (no materialisation)."""
+        self.materializer.prepare(policy)  # a lazily built bank knows a variant's norms once it exists
         logs = log_norm_ratios(policy, self.bank.pruned_norms, self.bank.dense_norms, self.bank.unit_linears)
         cap = capacity(logs, self.srm.aggregate)
         return cap, generalization_gap(cap, self.n_samples, self.srm.delta, self.srm.scale)

@@ -1,1 +1,1 @@
-"""Distributed policy search: Ray Tune trials, an Optuna study per round, a driver actor."""
+"""The search engine: a problem-agnostic seam (`api`), samplers, Optuna studies, workers, Tune, the driver."""

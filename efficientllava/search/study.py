@@ -1,9 +1,13 @@
-"""Optuna side of a round: the study, its sampler, the Tune searcher, and reconciliation on resume.
+"""Optuna side of a round: the study, the Tune searcher, trial numbers, and reconciliation on resume.
 
 Each round r has one Optuna study `round-<r>` in the experiment's journal file. The study is the
-source of truth: which trials finished, with which values, and what TPE conditions on. Ray Tune's
-own experiment state is only a by-product (see `efficientllava.search.driver` for why resume does
-not use `Tuner.restore`).
+source of truth for what the sampler conditions on; the trial records (written by the driver before
+Optuna hears of an outcome) are the source of truth for results. Ray Tune's own experiment state is
+only a by-product (see `efficientllava.search.driver` for why resume does not use `Tuner.restore`).
+
+Trial identity: the engine numbers each round's trials itself (0, 1, ... per round) and stores the
+number in the Optuna trial's user attrs (`number`); records are `trials/<round>-<number>.json`.
+Optuna's own trial numbers are never used, so a study rebuilt from the records cannot collide.
 """
 
 from __future__ import annotations
@@ -11,31 +15,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from efficientllava.config import ExperimentConfig, SearchConfig
-from efficientllava.errors import ConfigError
 from efficientllava.experiment import ExperimentDir
-from efficientllava.search.problem import METRIC, MODE, RoundState
+from efficientllava.search.api import METRIC, Objective, Space, TrialStatus
+from efficientllava.search.samplers import make_sampler
+from efficientllava.search.trainable import NUMBER_KEY, RETRY_KEY, SEED_KEY
 
-# Extra config keys the searcher adds next to the sampled params (read by the trainable).
-NUMBER_KEY = "_trial_number"
-RETRY_KEY = "_retry_of"
-# Optuna user_attrs written by the machinery.
+# Optuna user_attrs written by the engine.
+ATTR_NUMBER = "number"
 ATTR_TUNE_ID = "tune_trial_id"
-ATTR_TRIAL_JSON = "trial_json"
 ATTR_RETRY_OF = "retry_of"
 ATTR_RETRY_REASON = "retry_reason"  # "interrupted" | "error"
+ATTR_SEED = "seed"  # name of a seed point the problem asked to evaluate first
 ATTR_ERROR = "error"
-
-STATUS_OK = "COMPLETE"
-STATUS_ERROR = "ERROR"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -43,27 +44,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def study_name(r: int) -> str:
     """The Optuna study name of round `r`."""
     return f"round-{r}"
-
-
-def make_sampler(search: SearchConfig, seed: int, space: Any = None) -> optuna.samplers.BaseSampler:
-    """The configured Optuna sampler (TPE: multivariate, constant liar for concurrent trials).
-
-    `space` (levels, unit weights and budget as data) is what the budget-preserving evolution needs.
-    """
-    if search.sampler == "evolution":  # until the sampler registry (engine) replaces this function
-        from efficientllava.search.samplers.evolution import make_evolution
-
-        if space is None:
-            raise ConfigError("search.sampler=evolution needs a problem with a sampler_space(state) method")
-        return make_evolution(search, seed, space)
-    if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(
-            multivariate=True, constant_liar=True, n_startup_trials=search.n_startup_trials, seed=seed
-        )
-    if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # NSGA-II's first generation is random, so its population plays the part of n_startup_trials.
-    return optuna.samplers.NSGAIISampler(population_size=max(2, search.n_startup_trials), seed=seed)
 
 
 def round_seed(base: int, r: int, n_existing: int) -> int:
@@ -89,185 +69,224 @@ def repair_journal(exp: ExperimentDir) -> bool:
     return True
 
 
-def open_study(exp: ExperimentDir, r: int, sampler: optuna.samplers.BaseSampler | None = None,
-               storage: Any = None) -> optuna.Study:
+def open_study(exp: ExperimentDir, r: int, objectives: Sequence[Objective] = (Objective(METRIC, "max"),),
+               sampler: optuna.samplers.BaseSampler | None = None, storage: Any = None) -> optuna.Study:
     """Open (or create) round `r`'s study in the experiment's journal storage."""
     return optuna.create_study(
         storage=storage if storage is not None else exp.storage(),
         study_name=study_name(r),
         sampler=sampler,
-        direction="maximize" if MODE == "max" else "minimize",
+        directions=["maximize" if o.mode == "max" else "minimize" for o in objectives],
         load_if_exists=True,
     )
 
 
-class DefineSpace:
-    """Picklable define-by-run space: calls `problem.define_space(trial, state)`.
+def distributions(space: Space) -> dict[str, IntDistribution]:
+    """The space as Optuna distributions (every parameter an integer range)."""
+    return {p.name: IntDistribution(p.low, p.high) for p in space.params}
 
-    Tune pickles the searcher (tuner.pkl, experiment checkpoints); the problem may hold a model, so
-    it is dropped from the pickle and rebuilt lazily from the config.
-    """
 
-    def __init__(self, cfg: ExperimentConfig, root: str, state: RoundState, problem: Any = None) -> None:
-        self.cfg, self.root, self.state, self._problem = cfg, root, state, problem
+def trial_number(t: optuna.trial.FrozenTrial) -> int | None:
+    """The engine's number of an Optuna trial (None for one killed before it got a number)."""
+    n = t.user_attrs.get(ATTR_NUMBER)
+    return None if n is None else int(n)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_problem": None}
 
-    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        if self._problem is None:
-            from efficientllava.search.trainable import build_problem
-
-            self._problem = build_problem(self.cfg, self.root)
-        self._problem.define_space(trial, self.state)
-        extra: dict[str, Any] = {NUMBER_KEY: trial.number}
-        retry_of = trial.user_attrs.get(ATTR_RETRY_OF)
-        if retry_of is not None:
-            extra[RETRY_KEY] = retry_of
-        return extra
+def enqueue_seeds(study: optuna.Study, seeds: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """Enqueue each named seed point once per study (idempotent across resumes); returns the new names."""
+    present = {t.user_attrs.get(ATTR_SEED) for t in study.get_trials(deepcopy=False)}
+    added = []
+    for name, params in seeds.items():
+        if name not in present:
+            study.enqueue_trial(dict(params), user_attrs={ATTR_SEED: name})
+            added.append(name)
+    return added
 
 
 class RoundSearch(OptunaSearch):
-    """OptunaSearch that records the Tune trial id and the trial JSON path in each Optuna trial."""
+    """OptunaSearch on a round's study that numbers trials itself and tells errors as FAIL.
 
-    def __init__(self, *args: Any, experiment_root: str, round_: int, **kwargs: Any) -> None:
+    Each suggested config carries the engine's trial number (and retry/seed tags); the Tune trial id
+    is stored on the Optuna trial. A result whose `status` is ERROR is told as a failed trial.
+    """
+
+    def __init__(self, *args: Any, first_number: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._experiment_root = experiment_root
-        self._round = round_
+        self._next_number = first_number
 
     def suggest(self, trial_id: str) -> dict | None:
-        """Ask the study for the next params and tag the Optuna trial with Tune's id and the JSON path."""
+        """Ask the study for the next params and tag the Optuna trial with its number and Tune's id."""
         config = super().suggest(trial_id)
         if config is None:
             return None
         ot_trial = self._ot_trials[trial_id]
+        number = self._next_number
+        self._next_number += 1
+        ot_trial.set_user_attr(ATTR_NUMBER, number)
         ot_trial.set_user_attr(ATTR_TUNE_ID, trial_id)
-        ot_trial.set_user_attr(
-            ATTR_TRIAL_JSON, str(ExperimentDir(self._experiment_root).trial_path(self._round, ot_trial.number))
-        )
-        return config
+        extra: dict[str, Any] = {NUMBER_KEY: number}
+        attrs = ot_trial.user_attrs  # fixed params of an enqueued trial come with its user attrs
+        if attrs.get(ATTR_RETRY_OF) is not None:
+            extra[RETRY_KEY] = int(attrs[ATTR_RETRY_OF])
+        if attrs.get(ATTR_SEED) is not None:
+            extra[SEED_KEY] = str(attrs[ATTR_SEED])
+        return {**config, **extra}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """One-step trials: no intermediate values to report (saves a journal write per trial)."""
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Tell the study; an evaluation error (a result with status ERROR) is a failed trial."""
+        if result is not None and result.get("status") == TrialStatus.ERROR.value:
+            super().on_trial_complete(trial_id, None, error=True)
+            return
+        super().on_trial_complete(trial_id, result, error=error)
 
 
-def make_searcher(cfg: ExperimentConfig, exp: ExperimentDir, state: RoundState, problem: Any = None,
-                  seed: int | None = None) -> ConcurrencyLimiter:
-    """Round `state.round`'s Tune searcher: OptunaSearch on the round's study, concurrency-limited."""
+def next_number(exp: ExperimentDir, r: int, study: optuna.Study) -> int:
+    """The first unused trial number of round `r` (over the study's numbers and the records on disk)."""
+    used = [n for t in study.get_trials(deepcopy=False) if (n := trial_number(t)) is not None]
+    used += list(read_round_records(exp, r))
+    return max(used, default=-1) + 1
+
+
+def make_searcher(exp: ExperimentDir, r: int, space: Space, objectives: Sequence[Objective], search: Any,
+                  seed: int | None = None, queue_ahead: int = 0) -> ConcurrencyLimiter:
+    """Round `r`'s Tune searcher: OptunaSearch on the round's study over `space`, concurrency-limited.
+
+    `objectives` are the study's objectives (one for single-objective samplers, the problem's
+    objectives for a multi-objective one). `queue_ahead` trials are in flight beyond
+    `search.max_concurrent` (waiting in the worker pool for a free worker).
+    """
     storage = exp.storage()
+    study = open_study(exp, r, objectives, storage=storage)
     if seed is None:
-        n_existing = len(open_study(exp, state.round, storage=storage).get_trials(deepcopy=False))
-        seed = round_seed(cfg.search.seed, state.round, n_existing)
+        seed = round_seed(search.seed, r, len(study.get_trials(deepcopy=False)))
+    multi = len(objectives) > 1
     searcher = RoundSearch(
-        space=DefineSpace(cfg, str(exp.root), state, problem),
-        metric=METRIC,
-        mode=MODE,
-        sampler=make_sampler(cfg.search, seed, _sampler_space(cfg, exp, state, problem)),
-        study_name=study_name(state.round),
+        space=distributions(space),
+        metric=[o.name for o in objectives] if multi else objectives[0].name,
+        mode=[o.mode for o in objectives] if multi else objectives[0].mode,
+        sampler=make_sampler(search, seed, space),
+        study_name=study_name(r),
         storage=storage,
-        experiment_root=str(exp.root),
-        round_=state.round,
+        first_number=next_number(exp, r, study),
     )
     # Without the limiter Tune asks for many trials at once and TPE runs far past n_startup_trials at random.
-    return ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
-
-
-def _sampler_space(cfg: ExperimentConfig, exp: ExperimentDir, state: RoundState, problem: Any) -> Any:
-    """The round's space as data, for samplers that need it (None otherwise, or when the problem has none)."""
-    if cfg.search.sampler != "evolution":
-        return None
-    if problem is None:
-        from efficientllava.search.trainable import build_problem
-
-        problem = build_problem(cfg, exp.root)
-    fn = getattr(problem, "sampler_space", None)
-    return fn(state) if callable(fn) else None
+    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent + queue_ahead)
 
 
 @dataclass(frozen=True)
 class RoundProgress:
-    """Where a round stands after reconciling its study with the trial JSONs."""
+    """Where a round stands after reconciling its study with the trial records."""
 
     round: int
     done: int  # finished trials that count towards trials_per_round (COMPLETE, or ERROR not being retried)
     remaining: int  # trials still to run (re-enqueued ones included)
-    told: tuple[int, ...] = ()  # RUNNING in the study but with a trial JSON: result told to the study
-    interrupted: tuple[int, ...] = ()  # RUNNING without a result: marked FAIL and re-enqueued
+    told: tuple[int, ...] = ()  # RUNNING in the study but with a record: its outcome told to the study
+    interrupted: tuple[int, ...] = ()  # started without a result: marked FAIL and re-enqueued
     retried_errors: tuple[int, ...] = ()  # errored trials re-enqueued for their one retry
 
 
 def read_round_records(exp: ExperimentDir, r: int) -> dict[int, dict[str, Any]]:
-    """Trial JSONs of round `r`, keyed by Optuna trial number."""
+    """Trial records of round `r`, keyed by the engine's trial number."""
     out: dict[int, dict[str, Any]] = {}
     for p in exp.trials_dir.glob(f"{r}-*.json"):
+        if p.name.startswith("."):
+            continue
         rec = json.loads(p.read_text())
         if rec.get("round") == r:
             out[int(rec["number"])] = rec
     return out
 
 
-def reconcile_round(exp: ExperimentDir, r: int, trials_per_round: int, *, retry_errors: bool) -> RoundProgress:
-    """Make round `r`'s study agree with the trial JSONs on disk; return how many trials remain.
+def _values(rec: Mapping[str, Any], objectives: Sequence[Objective]) -> list[float] | None:
+    """A completed record's objective values, in study order (None if one is not finite)."""
+    values = []
+    for o in objectives:
+        v = rec.get("objective") if o.name == METRIC else (rec.get("result") or {}).get(o.name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return None
+        values.append(float(v))
+    return values
 
-    - RUNNING in the study with a JSON on disk (killed between the JSON write and Tune's report):
-      the JSON's outcome is told to the study, so the trial is neither lost nor repeated.
-    - RUNNING without a JSON (interrupted mid-evaluation): marked FAIL, so constant_liar stops
-      treating it as pending, and its params are re-enqueued once (`retry_of` = its number).
-    - FAIL with an error JSON: re-enqueued once when `retry_errors` (on resume), unless it already
-      is an error retry.
+
+def reconcile_round(exp: ExperimentDir, r: int, trials_per_round: int, *, retry_errors: bool,
+                    objectives: Sequence[Objective] = (Objective(METRIC, "max"),)) -> RoundProgress:
+    """Make round `r`'s study agree with the trial records on disk; return how many trials remain.
+
+    - RUNNING in the study with a record (killed between the record write and Optuna's tell):
+      the record's outcome is told to the study, so the trial is neither lost nor repeated.
+    - RUNNING without a record (interrupted mid-evaluation), or FAIL without a record (the driver
+      was killed after Tune failed a trial and before its error record was written): FAIL, so
+      constant_liar stops treating it as pending, and its params are re-enqueued once
+      (`retry_of` = its number).
+    - FAIL with an error record: re-enqueued once when `retry_errors` (on resume), unless it
+      already is an error retry.
+    - A trial killed before it got a number never reached a worker: failed, not re-run. (A COMPLETE
+      trial without a number, added to the study as history, counts as done.)
     Idempotent: a trial that already has a retry (any state) is never enqueued again.
     """
     storage = exp.storage()
-    study = open_study(exp, r, storage=storage)
+    study = open_study(exp, r, objectives, storage=storage)
     records = read_round_records(exp, r)
     trials = study.get_trials(deepcopy=False)
-    has_retry = {t.user_attrs[ATTR_RETRY_OF] for t in trials if ATTR_RETRY_OF in t.user_attrs}
+    has_retry = {int(t.user_attrs[ATTR_RETRY_OF]) for t in trials if ATTR_RETRY_OF in t.user_attrs}
     told: list[int] = []
     interrupted: list[int] = []
     retried: list[int] = []
 
-    def enqueue(t: optuna.trial.FrozenTrial, reason: str) -> None:
-        study.enqueue_trial(dict(t.params), user_attrs={ATTR_RETRY_OF: t.number, ATTR_RETRY_REASON: reason})
-        has_retry.add(t.number)
+    def enqueue(t: optuna.trial.FrozenTrial, number: int, reason: str) -> None:
+        study.enqueue_trial(dict(t.params), user_attrs={ATTR_RETRY_OF: number, ATTR_RETRY_REASON: reason})
+        has_retry.add(number)
 
     for t in trials:
-        if t.state != TrialState.RUNNING:
+        number = trial_number(t)
+        if t.state == TrialState.RUNNING and number is None:
+            study.tell(t.number, state=TrialState.FAIL)
             continue
-        rec = records.get(t.number)
-        if rec is not None and rec.get("status") == STATUS_OK and _finite(rec.get("objective")):
-            study.tell(t.number, float(rec["objective"]))
-            told.append(t.number)
-        elif rec is not None:
-            storage.set_trial_user_attr(t._trial_id, ATTR_ERROR, str(rec.get("error"))[:500])
-            study.tell(t.number, state=TrialState.FAIL)
-            told.append(t.number)
-        else:
-            storage.set_trial_user_attr(t._trial_id, ATTR_ERROR, "interrupted (no result on disk)")
-            study.tell(t.number, state=TrialState.FAIL)
-            interrupted.append(t.number)
-            if t.number not in has_retry and t.params:
-                enqueue(t, "interrupted")
+        if number is None or t.state not in (TrialState.RUNNING, TrialState.FAIL):
+            continue
+        rec = records.get(number)
+        if t.state == TrialState.RUNNING and rec is not None:
+            values = _values(rec, objectives) if rec.get("status") == TrialStatus.COMPLETE.value else None
+            if values is not None:
+                study.tell(t.number, values if len(values) > 1 else values[0])
+            else:
+                storage.set_trial_user_attr(t._trial_id, ATTR_ERROR, str(rec.get("error"))[:500])
+                study.tell(t.number, state=TrialState.FAIL)
+            told.append(number)
+        elif rec is None:
+            if t.state == TrialState.RUNNING:
+                storage.set_trial_user_attr(t._trial_id, ATTR_ERROR, "interrupted (no result recorded)")
+                study.tell(t.number, state=TrialState.FAIL)
+            if number not in has_retry and t.params:
+                interrupted.append(number)
+                enqueue(t, number, "interrupted")
 
-    trials = study.get_trials(deepcopy=False)
     if retry_errors:
-        for t in trials:
-            rec = records.get(t.number)
-            if (t.state == TrialState.FAIL and rec is not None and rec.get("status") == STATUS_ERROR
-                    and t.number not in has_retry and t.user_attrs.get(ATTR_RETRY_REASON) != "error"):
-                enqueue(t, "error")
-                retried.append(t.number)
+        for t in study.get_trials(deepcopy=False):
+            number = trial_number(t)
+            rec = records.get(number) if number is not None else None
+            if (t.state == TrialState.FAIL and rec is not None and rec.get("status") == TrialStatus.ERROR.value
+                    and number not in has_retry and t.user_attrs.get(ATTR_RETRY_REASON) != "error"):
+                enqueue(t, number, "error")  # type: ignore[arg-type]
+                retried.append(number)  # type: ignore[arg-type]
 
     done = 0
     for t in study.get_trials(deepcopy=False):
-        if t.number in has_retry:
+        number = trial_number(t)
+        if number is None:
+            done += t.state == TrialState.COMPLETE  # history added to the study directly counts; the rest never ran
+            continue
+        if number in has_retry:
             continue  # superseded by its retry, which counts instead
         if t.state == TrialState.COMPLETE:
             done += 1
-        elif t.state == TrialState.FAIL and records.get(t.number, {}).get("status") == STATUS_ERROR:
+        elif t.state == TrialState.FAIL and records.get(number, {}).get("status") == TrialStatus.ERROR.value:
             done += 1
     return RoundProgress(
         round=r, done=done, remaining=max(0, trials_per_round - done),
         told=tuple(told), interrupted=tuple(interrupted), retried_errors=tuple(retried),
     )
-
-
-def _finite(x: Any) -> bool:
-    """True for a finite real number."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

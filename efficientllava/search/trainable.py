@@ -1,157 +1,120 @@
-"""The Ray Tune trial: a reusable actor that holds the problem and evaluates one policy per trial."""
+"""The Ray Tune trial: a thin forwarder that sends its params to the worker pool and reports the outcome.
+
+It holds no problem state and imports no model code (no torch), so Tune's trial actors start fast
+and need almost no resources: the evaluation runs on a long-lived worker (`efficientllava.search.workers`).
+"""
 
 from __future__ import annotations
 
-import importlib
 import math
-import numbers
 import os
-import socket
+import signal
 import time
-import traceback
-from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.utils.util import flatten_dict
 
-from efficientllava.config import ExperimentConfig
-from efficientllava.errors import ConfigError
-from efficientllava.experiment import ExperimentDir, write_json_atomic
-from efficientllava.search.problem import METRIC, RoundState, SearchProblem
-from efficientllava.search.study import NUMBER_KEY, RETRY_KEY, STATUS_ERROR, STATUS_OK
+from efficientllava.search.api import METRIC, Objective, TrialStatus
+
+# Extra config keys the searcher adds next to the sampled params (efficientllava.search.study).
+NUMBER_KEY = "_number"
+RETRY_KEY = "_retry_of"
+SEED_KEY = "_seed"
+
+def forwarder_resources(slots: int) -> dict[str, float]:
+    """What one forwarder reserves: a `1/(slots + 1/2)` share of this node's `node:<ip>` resource.
+
+    Tune refuses a trial with no resources, and a forwarder only waits, so it takes no CPU or GPU
+    (they stay with the workers). The share matters: Tune starts a new actor for each new trial
+    before it hands the trial a cached one (then discards the new actor); if that actor can start
+    at once, every trial costs a Python process start (seconds of CPU). With this share at most
+    `slots` forwarders fit, so the extra actor stays pending until it is discarded. It also keeps
+    the forwarders beside the driver.
+    """
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == here), None)
+    key = f"node:{ip}"
+    if ip is None or key not in ray.cluster_resources():
+        return {"cpu": 0.0, "memory": float(2**20)}  # no node resource to share: a sliver of memory
+    return {"cpu": 0.0, key: 1.0 / (slots + 0.5)}
 
 
-def load_problem_class(spec: str) -> type:
-    """Import the `module:Class` named by the config's `problem:` key."""
-    module_name, _, class_name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"problem={spec!r}: cannot import module {module_name!r} ({exc})") from exc
-    cls = getattr(module, class_name, None)
-    if not isinstance(cls, type):
-        raise ConfigError(f"problem={spec!r}: module {module_name!r} has no class {class_name!r}")
-    return cls
+def split_config(config: dict[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
+    """(sampled params, engine tags: number, retry_of, seed) of a Tune trial config."""
+    flat = flatten_dict(dict(config), delimiter="/")  # OptunaSearch un-flattens "a/b" param names
+    tags = {"number": int(flat.pop(NUMBER_KEY)), "retry_of": flat.pop(RETRY_KEY, None),
+            "seed": flat.pop(SEED_KEY, None)}
+    return {k: int(v) for k, v in flat.items()}, tags
 
 
-def build_problem(cfg: ExperimentConfig, experiment_root: str | Path) -> SearchProblem:
-    """Construct the configured problem as `Class(config, experiment_dir)`."""
-    return load_problem_class(cfg.problem)(cfg, Path(experiment_root))
+class ForwardTrainable(tune.Trainable):
+    """One trial = one evaluation on a free worker of the pool; the actor is reused across trials.
 
-
-def trial_record(*, state: RoundState, number: int, trial_id: str, params: dict[str, Any],
-                 result: dict[str, Any] | None, error: str | None, started: float, eval_s: float,
-                 retry_of: int | None) -> dict[str, Any]:
-    """The JSON written for one finished trial (see `efficientllava.trials` for the table built from it)."""
-    finished = time.time()
-    result = dict(result or {})
-    objective = result.get(METRIC)
-    return {
-        "round": state.round,
-        "number": number,
-        "trial_id": trial_id,
-        "status": STATUS_OK if error is None else STATUS_ERROR,
-        "error": error,
-        "objective": objective,
-        "params": params,
-        "policy": {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("policy/")},
-        "result": result,
-        "projector_version": state.projector_version,
-        "projector_path": state.projector_path,
-        "space_path": state.space_path,
-        "retry_of": retry_of,
-        "eval_s": eval_s,
-        "wall_s": finished - started,
-        "started_at": started,
-        "finished_at": finished,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-    }
-
-
-class PolicyTrainable(tune.Trainable):
-    """One trial = one `problem.evaluate(params, state)`; the actor (and its problem) is reused across trials.
-
-    Tune's result is the problem's dict plus `eval_s`, `round`, `number` and `done` (set here).
+    Tune's result: the worker's outcome under `outcome`, plus every objective at the top level for
+    the searcher (NaN for an errored trial, which the searcher tells as failed) and `status`.
     """
 
-    def setup(self, config: dict[str, Any], cfg: ExperimentConfig | None = None, experiment_root: str = "",
-              state: RoundState | None = None) -> None:
-        """Build the problem once per actor and take the first trial's config."""
-        if cfg is None or state is None:
-            raise ValueError("PolicyTrainable needs cfg, experiment_root and state (use make_trainable)")
-        t0 = time.time()
-        self._cfg, self._state = cfg, state
-        self._exp = ExperimentDir(experiment_root)
-        self._actor = {"actor_started_at": t0, "actor_setup_s": 0.0, "actor_trials": 0}
-        self._begin(config)
-        try:
-            self._problem = build_problem(cfg, experiment_root)
-        except Exception as exc:  # recorded like an evaluation error, so the round accounts for it
-            self._write(None, f"{type(exc).__name__}: {exc}", 0.0, traceback.format_exc())
-            raise
-        self._actor["actor_setup_s"] = time.time() - t0
+    def setup(self, config: dict[str, Any], pool: Any = None, round_: int = 0,
+              objectives: tuple[Objective, ...] = ()) -> None:
+        """Keep the pool handle and take the first trial's config."""
+        if pool is None:
+            raise ValueError("ForwardTrainable needs the worker pool (use make_trainable)")
+        _exit_quietly_on_sigterm()
+        self._started = time.time()
+        self._pool, self._round, self._objectives = pool, round_, objectives
+        self._params, self._tags = split_config(config)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
-        """Reuse this actor (and its loaded problem) for the next trial."""
-        self._begin(new_config)
+        """Reuse this forwarder for the next trial."""
+        self._params, self._tags = split_config(new_config)
         return True
 
-    def _begin(self, config: dict[str, Any]) -> None:
-        """Take a new trial's config apart: the sampled params and the machinery's keys."""
-        self._started = time.time()
-        self._actor["actor_trials"] += 1
-        flat = flatten_dict(dict(config), delimiter="/")  # OptunaSearch un-flattens "a/b" param names
-        self._number = int(flat.pop(NUMBER_KEY))
-        retry = flat.pop(RETRY_KEY, None)
-        self._retry_of = None if retry is None else int(retry)
-        self._params = flat
-
     def step(self) -> dict[str, Any]:
-        """Evaluate the trial's params once; the JSON is on disk before the result goes to Tune."""
-        t0 = time.time()
-        try:
-            result = self._problem.evaluate(dict(self._params), self._state)
-            _check_result(result)
-            result = {**result, METRIC: float(result[METRIC])}
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            self._write(None, message, time.time() - t0, traceback.format_exc())
-            raise
-        eval_s = time.time() - t0
-        self._write(result, None, eval_s)
-        return {**result, "eval_s": eval_s, "round": self._state.round, "number": self._number, "done": True}
+        """Evaluate the trial's params on a worker; one step, then done."""
+        sent = time.time()
+        outcome = ray.get(self._pool.evaluate.remote(self._params, self._round))
+        outcome["submitted_at"], outcome["returned_at"] = sent, time.time()  # this actor's clock: wall_s
+        outcome["forwarder_started_at"] = self._started
+        result = outcome.get("result") or {}
+        metrics = {o.name: result.get(o.name, math.nan) for o in self._objectives}
+        metrics.setdefault(METRIC, result.get(METRIC, math.nan))
+        return {**metrics, "status": outcome["status"], "outcome": outcome, "params": self._params,
+                "tags": self._tags, "done": True}
 
-    def _write(self, result: dict[str, Any] | None, error: str | None, eval_s: float, tb: str | None = None) -> None:
-        """Write this trial's JSON atomically before Tune hears of the outcome (so a kill loses nothing)."""
-        rec = trial_record(state=self._state, number=self._number, trial_id=self.trial_id, params=self._params,
-                           result=result, error=error, started=self._started, eval_s=eval_s, retry_of=self._retry_of)
-        rec.update(self._actor)  # actor_trials == 1: this trial paid for the actor's setup
-        if tb:
-            rec["traceback"] = tb[-4000:]
-        write_json_atomic(self._exp.trial_path(self._state.round, self._number), rec)
+    def cleanup(self) -> None:
+        """Drop the pool handle now, not in a finaliser that a SIGTERM could interrupt."""
+        self._pool = None
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         """No checkpoints: a trial is one evaluation."""
-        return None  # one-step trials: nothing to checkpoint
+        return None
 
     def load_checkpoint(self, checkpoint: Any) -> None:
         """No checkpoints: a trial is one evaluation."""
         return None
 
 
-def _check_result(result: Any) -> None:
-    """A problem's result must be a flat mapping with a finite numeric objective."""
-    if not isinstance(result, dict):
-        raise TypeError(f"evaluate() returned {type(result).__name__}, expected a dict")
-    value = result.get(METRIC)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(f"evaluate() returned {METRIC}={value!r}; expected a finite number")
+def _exit_quietly_on_sigterm() -> None:
+    """End this forwarder at once on SIGTERM (how Ray stops actors at the end of a Tuner or a search).
+
+    Ray's own handler raises SystemExit wherever the interpreter is, and when that is inside a
+    finaliser (an ActorHandle's `__del__`) Python prints "Exception ignored ... SystemExit" with a
+    traceback. A forwarder holds nothing to flush, so it exits without unwinding.
+    """
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    except ValueError:  # not the main thread: keep Ray's handler
+        pass
 
 
-def make_trainable(cfg: ExperimentConfig, exp: ExperimentDir, state: RoundState) -> Any:
-    """The Tune trainable for one round: parameters bound, per-trial resources from the config."""
-    bound = tune.with_parameters(PolicyTrainable, cfg=cfg, experiment_root=str(exp.root), state=state)
-    return tune.with_resources(bound, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+def make_trainable(pool: Any, round_: int, objectives: tuple[Objective, ...], slots: int) -> Any:
+    """The Tune trainable of one round: the pool bound, resources for `slots` forwarders at once."""
+    bound = tune.with_parameters(ForwardTrainable, pool=pool, round_=round_, objectives=objectives)
+    return tune.with_resources(bound, forwarder_resources(slots))
 
+
+__all__ = ["ForwardTrainable", "TrialStatus", "make_trainable", "split_config"]

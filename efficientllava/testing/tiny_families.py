@@ -33,7 +33,7 @@ MISTRAL = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% for c i
            "{% endif %}{% endfor %}")
 SEED = 0
 
-Built = tuple[nn.Module, Any]
+Built = tuple[Any, Any]  # (a transformers model, its processor)
 
 
 def _tokenizer(extra_special: tuple[str, ...] = (), image_token: str = "<image>") -> Any:

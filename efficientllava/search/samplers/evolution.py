@@ -38,8 +38,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, IntDistribution
@@ -48,77 +47,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.pruning.units import PART_ROLES, parse_unit
+from efficientllava.search.api import Space
+from efficientllava.search.samplers import register_sampler
 from efficientllava.space import project_indices
-
-try:  # the engine's sampler registry; until it lands, this module is used directly
-    from efficientllava.search.samplers import register_sampler  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - transitional shim
-    def register_sampler(name: str, **_: Any) -> Any:  # type: ignore[misc]
-        """No registry yet: leave the factory as it is."""
-        return lambda factory: factory
 
 _EPS = 1e-9
 _ATTEMPTS = 64  # offspring drawn before accepting one already in the study
 
 
-class ParamLike(Protocol):
-    """One integer parameter of the space (see efficientllava.search.api.Param)."""
-
-    name: str
-    low: int
-    high: int
-    levels: tuple[float, ...] | None
-    weight: float
-
-
-class BudgetLike(Protocol):
-    """The budget band: target +- tolerance of the weighted mean level."""
-
-    target: float
-    tolerance: float
-
-
-class SpaceLike(Protocol):
-    """A round's space as data (see efficientllava.search.api.Space)."""
-
-    @property
-    def params(self) -> Sequence[ParamLike]: ...  # noqa: D102
-
-    @property
-    def budget(self) -> BudgetLike | None: ...  # noqa: D102
-
-
-@dataclass(frozen=True)
-class LevelParam:
-    """A plain ParamLike (for callers without the engine's Space)."""
-
-    name: str
-    low: int
-    high: int
-    levels: tuple[float, ...] | None = None
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class LevelBudget:
-    """A plain BudgetLike."""
-
-    target: float
-    tolerance: float = 0.0
-
-
-@dataclass(frozen=True)
-class LevelSpace:
-    """A plain SpaceLike."""
-
-    params: tuple[LevelParam, ...]
-    budget: LevelBudget | None = None
-
-
 class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
     """(1 + lambda) evolution over level indices whose mutations never leave the budget band."""
 
-    def __init__(self, space: SpaceLike, seed: int | None = None, *, max_swaps: int = 3, max_step: int = 3,
+    def __init__(self, space: Space, seed: int | None = None, *, max_swaps: int = 3, max_step: int = 3,
                  parents: int = 1, group_moves: float = 0.5) -> None:
         for name, value in (("max_swaps", max_swaps), ("max_step", max_step), ("parents", parents)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -299,6 +239,6 @@ def _nearest(levels: Sequence[float], value: float) -> int:
 
 
 @register_sampler("evolution")
-def make_evolution(search: Any, seed: int, space: SpaceLike) -> optuna.samplers.BaseSampler:
+def make_evolution(search: Any, seed: int, space: Space) -> optuna.samplers.BaseSampler:
     """The budget-preserving evolutionary sampler (one parent: EvoPress's elitist (1 + lambda))."""
     return BudgetEvolutionSampler(space, seed)
