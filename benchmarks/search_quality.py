@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -249,6 +250,8 @@ def main() -> None:
     ap.add_argument("--methods", default="all", help="comma list of row names to run (substring match), or all")
     ap.add_argument("--sweep", type=int, default=4, help="slopes/splits per side of uniform in the baseline sweeps")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown (for the README)")
+    ap.add_argument("--out", help="also write the tables as markdown to this file (benchmarks/readme.py puts it in "
+                                  "the README)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 draw, 1 budget, 8 trials, 128 held-out")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -304,8 +307,11 @@ def main() -> None:
                     f"{m.name.split(' (')[0]} {results[(target, m.name)][-1].heldout:.3f}" for m in rows)
                     + f" ({time.perf_counter() - start:.0f}s)", flush=True)
             del draw, pipe
-    report(results, resel, fidsel, rows, budgets, lams, default, args)
-    print(f"total {time.perf_counter() - start:.0f}s wall, {time.process_time():.0f}s CPU")
+    md = report(results, resel, fidsel, rows, budgets, lams, default, args)
+    wall = time.perf_counter() - start
+    print(f"total {wall:.0f}s wall, {time.process_time():.0f}s CPU")
+    if args.out:
+        write_markdown(args.out, md, wall)
 
 
 def _sd(values: list[float]) -> float:
@@ -314,8 +320,9 @@ def _sd(values: list[float]) -> float:
 
 def report(results: dict[tuple[float, str], list[Outcome]], resel: dict[tuple[float, float], list[float]],
            fidsel: dict[tuple[float, str], list[float]], rows: list[Method], budgets: list[float],
-           lams: list[float], default: Method | None, args: argparse.Namespace) -> None:
-    """Print the tables (plain, and markdown with --markdown)."""
+           lams: list[float], default: Method | None, args: argparse.Namespace) -> list[str]:
+    """Print the tables (plain, and markdown with --markdown); the markdown lines."""
+    md: list[str] = []
     for target in budgets:
         table = [("method", "trials", "held-out (mean +- sd)", "few-shot acc", "sparsity", "trials to best")]
         for m in rows:
@@ -326,34 +333,47 @@ def report(results: dict[tuple[float, str], list[Outcome]], resel: dict[tuple[fl
                           f"{statistics.fmean(o.fewshot_accuracy for o in outs):.4f}",
                           f"{statistics.fmean(o.mean_sparsity for o in outs):.4f}",
                           f"{statistics.fmean(o.trials_to_best for o in outs):.1f}"))
-        print(f"\nbudget {target:g} mean sparsity, {args.seeds} few-shot draws, held-out n={args.heldout_size}:")
-        _print(table, args.markdown)
+        title = f"budget {target:g} mean sparsity, {args.seeds} few-shot draws, held-out n={args.heldout_size}:"
+        print(f"\n{title}")
+        md += [f"**{title}**", ""]
+        _print(table, args.markdown, md)
         if default is not None and lams:
             lam_rows = [("SRM lam (re-pick on the default's trials)", "held-out (mean +- sd)")]
             lam_rows += [(f"{x:g}", mean_std(resel[(target, x)])) for x in lams]
-            _print(lam_rows, args.markdown)
+            _print(lam_rows, args.markdown, md)
         fid_rows = [("fidelity alone (pick among every searched policy)", "held-out (mean +- sd)")]
         fid_rows += [(fid, mean_std(fidsel[(target, fid)])) for fid in ("accuracy", "loglik", "kl")]
-        _print(fid_rows, args.markdown)
+        _print(fid_rows, args.markdown, md)
         if default is not None:
             d = [o.heldout for o in results[(target, default.name)]]
             better = [m.name for m in rows if m is not default and
                       statistics.fmean(o.heldout for o in results[(target, m.name)]) > statistics.fmean(d) + _sd(d)]
-            print(f"default {statistics.fmean(d):.4f} +- {_sd(d):.4f}; rows above it by more than one sd: "
-                  f"{', '.join(better) or 'none'}")
+            line = (f"default {statistics.fmean(d):.4f} +- {_sd(d):.4f}; rows above it by more than one sd: "
+                    f"{', '.join(better) or 'none'}")
+            print(line)
+            md += [line, ""]
+    return md
 
 
-def _print(table: list[tuple[str, ...]], markdown: bool) -> None:
+def _print(table: list[tuple[str, ...]], markdown: bool, md: list[str]) -> None:
+    """Print `table` aligned (and as markdown when asked); append its markdown to `md`."""
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "|".join("---" for _ in table[0]) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in table[1:]] + [""]
+    md += lines
     if markdown:
         print()
-        print("| " + " | ".join(table[0]) + " |")
-        print("|" + "|".join("---" for _ in table[0]) + "|")
-        for r in table[1:]:
-            print("| " + " | ".join(r) + " |")
-        print()
+        print("\n".join(lines))
+
+
+def write_markdown(path: str, md: list[str], wall: float) -> None:
+    """The tables as a markdown file, headed by the command that made them (for benchmarks/readme.py)."""
+    command = "python benchmarks/search_quality.py " + " ".join(sys.argv[1:])
+    head = f"Generated by `{command.replace(' --out ' + path, '')}` on {time.strftime('%Y-%m-%d')} ({wall / 60:.0f} min)."
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join([head, "", *md]).rstrip() + "\n")
 
 
 if __name__ == "__main__":
