@@ -128,10 +128,14 @@ class WorkerSession:
         assert self.bank is not None
         if self.scorer is None:
             self.scorer = self.pipeline.scorer(space, self.bank, srm_config(self.cfg), self.cfg.objective.fidelity)
-        else:  # same bank and model: the round's budget and projector can differ
+            # KL is always to the dense checkpoint (its own projector), so objectives compare across rounds and a
+            # projector that brings pruned models closer to the original model scores better.
+            self.set_projector(None)
+            self.scorer.reference  # noqa: B018 (computes and caches the dense distributions)
+            self.set_projector(inputs.projector)
+        else:  # same bank and model: only the round's budget can differ
             check_band(space, space.unit_names(self.pipeline.num_layers), self.scorer.weights)
             self.scorer.budget = space.budget
-            self.scorer.reset_reference()  # KL is to the dense model with this round's projector
         self.space, self.units, self.inputs = space, space.unit_names(self.pipeline.num_layers), inputs
 
     def policy(self, params: Mapping[str, Any]) -> tuple[PruningPolicy, PruningPolicy]:

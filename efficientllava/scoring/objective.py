@@ -60,8 +60,9 @@ class TrialScore:
 class PolicyScorer:
     """Scores policies on one model + few-shot set: materialise from the bank, evaluate, restore.
 
-    The dense model's answer distributions (for KL) are computed on the first `score`, before any
-    policy is applied, and reused: a scorer belongs to one model state (one projector).
+    The dense model's answer distributions (for KL) are computed on first use of `reference` (at the
+    latest the first `score`), before any policy is applied, and kept: the search computes them once with
+    the checkpoint's projector, so KL is to the original model in every round.
     """
 
     def __init__(self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], bank: VariantBank,
@@ -77,10 +78,6 @@ class PolicyScorer:
         self.materializer = Materializer(model, bank)
         self.n_samples = sum(int(b["input_ids"].shape[0]) for b in batches)
         self._reference: DenseReference | None = None
-
-    def reset_reference(self) -> None:
-        """Forget the dense distributions (the model's dense state changed: a new projector)."""
-        self._reference = None
 
     @property
     def reference(self) -> DenseReference:
