@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import optuna
 import torch
@@ -240,6 +242,10 @@ def main() -> None:
     ap.add_argument("--granularity", default=None, help="layer | sublayer | matrix (default: the space's)")
     ap.add_argument("--budgets", default="0.92,0.94")
     ap.add_argument("--seeds", type=int, default=5, help="few-shot draws")
+    ap.add_argument("--draws", help="comma list of the draws (seeds) to run, e.g. 3,4 (default: 0 .. seeds-1)")
+    ap.add_argument("--save", help="append each draw's figures to this JSON-lines file (runs can be split over "
+                                   "processes, then combined with --load)")
+    ap.add_argument("--load", nargs="+", help="no search: make the tables from these --save files")
     ap.add_argument("--trials", type=int, default=48, help="trials per search method (the reference gets 10x)")
     ap.add_argument("--shots", type=int, default=64)
     ap.add_argument("--heldout-size", type=int, default=512)
@@ -280,11 +286,19 @@ def main() -> None:
     results: dict[tuple[float, str], list[Outcome]] = {}
     resel: dict[tuple[float, float], list[float]] = {}
     fidsel: dict[tuple[float, str], list[float]] = {}
+    draws = [int(x) for x in args.draws.split(",")] if args.draws else list(range(args.seeds))
+    if args.load:
+        draws = load_saved(args.load, results, resel, fidsel, rows, budgets)
+        args.seeds = len(draws)
+        md = report(results, resel, fidsel, rows, budgets, lams, default, args)
+        if args.out:
+            write_markdown(args.out, md, sum_wall(args.load))
+        return
     print(f"search quality: {base.name} ({base.granularity}), budgets {budgets}, {args.seeds} draws x "
           f"{args.shots} shots, {args.heldout_size} held-out, {args.trials} trials per search; default "
           f"{args.sampler} / {args.fidelity} / lam {lam:g}; in process (no Ray)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in draws:
             pipe, space = seed_pipeline(cfg, seed, args.shots, args.heldout_size)
             space = dataclasses.replace(base, unit_levels=()).with_unit_levels(
                 {u: base.levels_for(u) for u in base.unit_names(pipe.num_layers)})
@@ -303,6 +317,9 @@ def main() -> None:
                 for fid in ("accuracy", "loglik", "kl"):
                     trials = list(pool.values())
                     fidsel.setdefault((target, fid), []).append(draw.heldout(target, trials[pick(trials, fid, 0.0)][0]))
+                if args.save:
+                    save_draw(args.save, seed, target, rows, results, resel, fidsel, lams,
+                              time.perf_counter() - start)
                 print(f"draw {seed} budget {target:g}: " + ", ".join(
                     f"{m.name.split(' (')[0]} {results[(target, m.name)][-1].heldout:.3f}" for m in rows)
                     + f" ({time.perf_counter() - start:.0f}s)", flush=True)
@@ -312,6 +329,59 @@ def main() -> None:
     print(f"total {wall:.0f}s wall, {time.process_time():.0f}s CPU")
     if args.out:
         write_markdown(args.out, md, wall)
+
+
+FIGURES = ("heldout", "fewshot_accuracy", "mean_sparsity", "trials_to_best")
+
+
+def save_draw(path: str, seed: int, target: float, rows: list[Method], results: dict[tuple[float, str], list[Outcome]],
+              resel: dict[tuple[float, float], list[float]], fidsel: dict[tuple[float, str], list[float]],
+              lams: list[float], wall: float) -> None:
+    """Append one (draw, budget)'s figures as a JSON line (what --load needs to make the tables)."""
+    line = {"seed": seed, "target": target, "wall_s": wall,
+            "methods": {m.name: {k: getattr(results[(target, m.name)][-1], k) for k in FIGURES} for m in rows},
+            "lams": {str(x): resel[(target, x)][-1] for x in lams if (target, x) in resel},
+            "fidelity": {f: fidsel[(target, f)][-1] for f in ("accuracy", "loglik", "kl")}}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+def load_saved(paths: list[str], results: dict[tuple[float, str], list[Outcome]],
+               resel: dict[tuple[float, float], list[float]], fidsel: dict[tuple[float, str], list[float]],
+               rows: list[Method], budgets: list[float]) -> list[int]:
+    """Fill the result maps from --save files (the last line per draw and budget wins); the draws found."""
+    lines: dict[tuple[int, float], dict[str, Any]] = {}
+    for path in paths:
+        for text in Path(path).read_text().splitlines():
+            if text.strip():
+                d = json.loads(text)
+                lines[(int(d["seed"]), float(d["target"]))] = d
+    draws = sorted({seed for seed, target in lines if target in budgets})
+    for (_seed, target), d in sorted(lines.items()):
+        if target not in budgets:
+            continue
+        for m in rows:
+            f = d["methods"][m.name]
+            results.setdefault((target, m.name), []).append(
+                Outcome(f["heldout"], f["fewshot_accuracy"], f["mean_sparsity"], f["trials_to_best"],
+                        PruningPolicy(())))
+        for x, v in d["lams"].items():
+            resel.setdefault((target, float(x)), []).append(v)
+        for fid, v in d["fidelity"].items():
+            fidsel.setdefault((target, fid), []).append(v)
+    missing = [(seed, t) for seed in draws for t in budgets if (seed, t) not in lines]
+    if missing:
+        raise SystemExit(f"--load: no figures for draw/budget {missing}; run them with --draws and --save")
+    return draws
+
+
+def sum_wall(paths: list[str]) -> float:
+    """Total wall seconds of the saved runs (each file's last line: its run's elapsed time)."""
+    total = 0.0
+    for path in paths:
+        last = [t for t in Path(path).read_text().splitlines() if t.strip()][-1]
+        total += float(json.loads(last)["wall_s"])
+    return total
 
 
 def _sd(values: list[float]) -> float:
