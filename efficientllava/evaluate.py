@@ -79,9 +79,9 @@ class EvalReport:
             note = "; the dense model against its own answers" if self.metric == "agreement" else ""
             return [header, f"{self._figure()} {self._where()}, {self.samples_per_s:.1f} samples/s{note}"]
         s = self.score
+        where = f"on {self.data}/{self.split} (n={s.n_samples})" if self.metric == "accuracy" else self._where()
         return [header, f"policy {self.policy!r} ({self.method}, {self.pattern})",
-                f"{self._figure()} {self._where() if self.metric != 'accuracy' else f'on {self.data}/{self.split} (n={s.n_samples})'}, "
-                f"{self.samples_per_s:.1f} samples/s; mean sparsity {s.mean_sparsity:.3f}, "
+                f"{self._figure()} {where}, {self.samples_per_s:.1f} samples/s; mean sparsity {s.mean_sparsity:.3f}, "
                 f"kept {s.kept_fraction:.3f}, FLOPs speed-up {s.flops_speedup:.2f}x, SRM gap {s.gap:.4f}, "
                 f"KL to dense {s.kl:.4f}"
                 + (f", latency {s.latency_s * 1e3:.2f} ms/sample" if s.latency_s else "")]
