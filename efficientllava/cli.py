@@ -79,6 +79,13 @@ def _dtypes() -> tuple[str, ...]:
     return DTYPES
 
 
+def _kinds() -> tuple[str, ...]:
+    """Task kinds a data set may hold."""
+    from efficientllava.data import KINDS
+
+    return tuple(KINDS)
+
+
 def _pattern(value: str) -> str:
     """A mask pattern: unstructured or N:M (checked by the space's own parser)."""
     from efficientllava.space import parse_pattern
@@ -185,13 +192,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     report = evaluate(
         model=ModelConfig(spec=args.model, dtype=args.dtype, device=args.device),
-        data=DataConfig(dataset=args.data, source=args.source, n_shots=args.n_shots, seed=args.seed,
+        data=DataConfig(dataset=args.data, source=args.source, subset=args.subset, columns=_columns(args.columns),
+                        kind=args.kind, prompt=args.prompt, n_shots=args.n_shots, seed=args.seed,
                         heldout_size=args.heldout_size),
         split=args.split, batch_size=args.batch_size, policy=args.policy, uniform=args.uniform,
         method=args.method, pattern=args.pattern, granularity=args.granularity, projector=args.projector,
-        latency=args.latency,
+        latency=args.latency, max_new_tokens=args.max_new_tokens,
     )
     print("\n".join(report.lines()))
+
+
+def _columns(pairs: list[str] | None) -> Any:
+    """--columns image=img question=q options=A,B,C,D -> a ColumnMap (as data.columns in an experiment YAML)."""
+    import dataclasses
+
+    from efficientllava.data import ColumnMap
+
+    fields = {f.name for f in dataclasses.fields(ColumnMap)}
+    given: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(f"--columns {pair!r}: expected FIELD=COLUMN with FIELD one of {', '.join(sorted(fields))}")
+        given[key] = tuple(v.strip() for v in value.split(",")) if key == "options" else value
+    return ColumnMap(**given)
 
 
 def _common() -> Parser:
@@ -244,12 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trial", help="ROUND-NUMBER of the trial to export (default: the best)")
     e.set_defaults(fn=_cmd_export)
 
-    v = sub.add_parser("evaluate", help="multiple-choice accuracy of a model, optionally under a policy",
+    v = sub.add_parser("evaluate", help="a model's accuracy (exact match, VQA accuracy, or agreement with dense for "
+                                        "open-ended / unlabelled data), optionally under a policy",
                        parents=[common])
     v.add_argument("--model", default="tiny", help="tiny, a hub id or a local checkpoint directory")
     v.add_argument("--data", default="synthetic", choices=LazyChoices(_datasets), metavar="NAME",
                    help="the data set: %(choices)s")
-    v.add_argument("--source", help="hub id or local path of the data set")
+    v.add_argument("--source", help="hub id or local path of the data set (--data vqa: a Hub id, a parquet, JSONL "
+                                    "or CSV file, a Hub-layout folder or a folder of images)")
+    v.add_argument("--subset", help="a Hub dataset's configuration name (vqa)")
+    v.add_argument("--columns", nargs="+", metavar="FIELD=COLUMN",
+                   help="the data's own column names (vqa), e.g. image=img question=q options=A,B,C,D answer=label")
+    v.add_argument("--kind", choices=LazyChoices(_kinds), metavar="KIND",
+                   help="score the data as this kind: %(choices)s (default: as the data is)")
+    v.add_argument("--prompt", help="the question of rows that have none, e.g. a plain image folder (vqa)")
+    v.add_argument("--max-new-tokens", type=int, default=16,
+                   help="token cap of greedy answers (open-ended and unlabelled data)")
     v.add_argument("--split", default="heldout", choices=("heldout", "fewshot"), help="which split to score")
     v.add_argument("--n-shots", type=int, default=64, help="size of the few-shot split")
     v.add_argument("--heldout-size", type=int, default=512, help="size of the held-out split")

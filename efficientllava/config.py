@@ -123,6 +123,9 @@ class EvalConfig:
     """How candidates are evaluated."""
 
     batch_size: int = field(default=32, metadata=_rule(ge=1))
+    # Token cap of greedy answers: the held-out check of open-ended / unlabelled tasks, and the dense
+    # model's answers that an unlabelled task's few-shot fidelity is measured against.
+    max_new_tokens: int = field(default=16, metadata=_rule(ge=1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +190,10 @@ def config_from_dict(d: Any, source: str | Path = "<config>", *, resolve_space: 
     problem = cfg.data.problem()
     if problem is not None:
         raise ConfigError(f"{src}: {problem}")
+    if cfg.data.kind == "unlabelled" and cfg.objective.fidelity != "kl":
+        # (data whose kind is only known once read is checked when the workers open it)
+        raise ConfigError(f"{src}: objective.fidelity: {cfg.objective.fidelity} needs answers, but data.kind is "
+                          "unlabelled; use objective.fidelity: kl (agreement with the dense model)")
     if resolve_space:
         cfg = dataclasses.replace(cfg, space=str(_resolve_space(cfg.space, source, src)))
         if cfg.data.source is not None and src != "<config>":

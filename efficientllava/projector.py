@@ -34,6 +34,7 @@ from efficientllava.log import get_logger
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.materialize import Materializer
 from efficientllava.scoring.accuracy import answer_logits
+from efficientllava.scoring.fidelity import IGNORE, answer_token_logits
 
 logger = get_logger(__name__)
 
@@ -134,12 +135,15 @@ def _check_args(
     for i, batch in enumerate(batches):
         absent = [
             k
-            for k in ("input_ids", "attention_mask", "pixel_values", "answer_pos", "labels")
+            for k in ("input_ids", "attention_mask", "pixel_values", "answer_pos")
             if k not in batch
         ]
+        if "labels" not in batch and "answer_ids" not in batch:
+            absent.append("labels (or answer_ids)")
         if absent:
             raise ConfigError(
-                f"few-shot batch {i} lacks {', '.join(absent)}; encode it with prompting.encode_batches"
+                f"few-shot batch {i} lacks {', '.join(absent)}; encode it with prompting.encode_batches "
+                "(or encode_answer_batches for open-ended answers)"
             )
 
 
@@ -147,12 +151,17 @@ def _policy_loss(
     model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], scale: float, backward: bool
 ) -> float:
     """Sample-mean answer loss over all batches (times `scale` in the gradient); backward per batch."""
-    total = sum(int(b["labels"].shape[0]) for b in batches)
+    total = sum(int(b["input_ids"].shape[0]) for b in batches)
     value = 0.0
     for batch in batches:
-        loss = nn.functional.cross_entropy(
-            answer_logits(model, batch).float(), batch["labels"], reduction="sum"
-        )
+        if "answer_ids" in batch:  # open ended: the answer's tokens, teacher forced (summed per sample)
+            logits, _ = answer_token_logits(model, batch)
+            targets = batch["answer_ids"][batch["answer_ids"] != IGNORE]
+            loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        else:
+            loss = nn.functional.cross_entropy(
+                answer_logits(model, batch).float(), batch["labels"], reduction="sum"
+            )
         if backward:
             (loss * (scale / total)).backward()  # one graph at a time: memory of one batch, not of N samples
         value += float(loss.detach()) / total

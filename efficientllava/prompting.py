@@ -45,7 +45,8 @@ def encode_batches(processor: Any, dataset: datasets.Dataset, batch_size: int, f
 
     Each batch holds the model's forward inputs (input_ids, attention_mask, pixel_values and what
     else the family's processor makes) and answer_pos (last real token), option_ids (letter ids,
-    -1 beyond a sample's options), labels (the correct letter's token id) and answers (its index).
+    -1 beyond a sample's options), labels (the correct letter's token id) and answers (its index);
+    a dataset of unlabelled questions (answer -1) gets neither labels nor answers.
     Right padding keeps position ids as in unbatched use. `family` defaults to the processor's.
     """
     family = family or family_of_processor(processor)
@@ -63,8 +64,9 @@ def encode_batches(processor: Any, dataset: datasets.Dataset, batch_size: int, f
         for i, opts in enumerate(rows["options"]):
             option_ids[i, : len(opts)] = torch.tensor(letters[: len(opts)])
         answers = torch.tensor(rows["answer"], dtype=torch.long)
-        batch.update(answer_pos=batch["attention_mask"].sum(1) - 1, option_ids=option_ids,
-                     labels=option_ids.gather(1, answers[:, None]).squeeze(1), answers=answers)
+        batch.update(answer_pos=batch["attention_mask"].sum(1) - 1, option_ids=option_ids)
+        if bool((answers >= 0).all()):  # unlabelled questions (answer -1) get no labels / answers
+            batch.update(labels=option_ids.gather(1, answers[:, None]).squeeze(1), answers=answers)
         batches.append(_to(batch, device, dtype))
     return batches
 
@@ -89,14 +91,16 @@ def encode_answer_batches(processor: Any, images: Sequence[Any], prompts: Sequen
     for start in range(0, len(prompts), batch_size):
         imgs = [im.convert("RGB") for im in images[start : start + batch_size]]
         texts = list(prompts[start : start + batch_size])
-        full_texts = [join_answer(p, a) for p, a in zip(texts, answers[start : start + batch_size], strict=True)]
+        chunk = list(answers[start : start + batch_size])
+        # An empty answer (a model that answered with EOS at once) is the prompt itself; its target is EOS.
+        full_texts = [join_answer(p, a) if a else p for p, a in zip(texts, chunk, strict=True)]
         enc_prompt = family.encode(processor, imgs, texts)
         batch = family.encode(processor, imgs, full_texts)
         targets, starts = [], []
         for i in range(len(texts)):
             prompt_ids = enc_prompt["input_ids"][i, : int(enc_prompt["attention_mask"][i].sum())].tolist()
             full_ids = batch["input_ids"][i, : int(batch["attention_mask"][i].sum())].tolist()
-            if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
+            if full_ids[: len(prompt_ids)] != prompt_ids or (chunk[i] and len(full_ids) == len(prompt_ids)):
                 raise ConfigError(f"the tokenizer does not split {full_texts[i]!r} at the end of its prompt; "
                                   "open-ended scoring needs the prompt's tokens as a prefix of prompt + answer")
             targets.append(full_ids[len(prompt_ids):] + [eos])

@@ -19,6 +19,7 @@ from matplotlib.transforms import blended_transform_factory
 from efficientllava.errors import ConfigError
 from efficientllava.experiment import open_experiment
 from efficientllava.pruning.units import is_unit, parse_unit, sort_units
+from efficientllava.scoring import METRIC_LABELS
 from efficientllava.search.api import METRIC, SIZE_METRIC, TrialStatus
 from efficientllava.trials import load_trials
 
@@ -240,6 +241,17 @@ def _heldout_table(heldout: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(heldout, orient="index").rename_axis("policy").reset_index()
 
 
+def _heldout_caption(heldout: dict[str, Any]) -> str:
+    """What the held-out figure is (unlabelled data: agreement with the dense model, not accuracy)."""
+    metrics = {row.get("metric", "accuracy") for row in heldout.values()}
+    label = ", ".join(METRIC_LABELS.get(m, m) for m in sorted(metrics))
+    note = {"agreement": " (unlabelled data: the share of answers equal to the dense model's, not accuracy)",
+            "exact_match": " (greedy answers after VQA normalisation)",
+            "vqa_accuracy": " (greedy answers; min(#annotators agreeing / 3, 1))"}
+    return f"<p class=meta>held-out figure: {html.escape(label)}" + "".join(
+        html.escape(note[m]) for m in sorted(metrics) if m in note) + "</p>"
+
+
 def write_report(experiment_dir: str | Path, heldout: dict[str, Any] | None = None) -> Path:
     """Write `<dir>/report/` (objective, Pareto and sparsity PNGs + report.html); returns the HTML path."""
     exp = open_experiment(experiment_dir)
@@ -275,7 +287,7 @@ def write_report(experiment_dir: str | Path, heldout: dict[str, Any] | None = No
     if best is not None:
         parts += ["<h2>Best policy</h2>", _table(_best_terms(best))]
     if held is not None:
-        parts += ["<h2>Held-out comparison</h2>", _table(held)]
+        parts += ["<h2>Held-out comparison</h2>", _heldout_caption(heldout or {}), _table(held)]
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{e(exp.name)} report</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
     path = out / "report.html"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 
 import datasets
@@ -13,103 +12,25 @@ import huggingface_hub.constants
 import pytest
 import yaml
 from PIL import Image
+from vqa_sources import LETTERS, N, make_source
+from vqa_sources import record as _record
+from vqa_sources import save_images as _images
+from vqa_sources import truth as _truth
+from vqa_sources import write_table as _write_table
 
 from efficientllava.config import config_from_dict, config_to_dict, load_config
 from efficientllava.data import ColumnMap, DataConfig, load_task, make_synthetic
 from efficientllava.data.schema import FEATURES
-from efficientllava.data.synthetic import generate
 from efficientllava.data.vqa import split_lettered
 from efficientllava.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
-LETTERS = "ABCD"
-N = 12  # rows per file
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     """Keep the `datasets` cache of each test inside its tmp_path."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-
-
-def _truth(n: int = N, seed: int = 0) -> list[dict]:
-    """Synthetic rows with ids q<seed>-<i>: the ground truth every written file is checked against."""
-    rows = generate(n, seed, "train")
-    for i, r in enumerate(rows):
-        r["id"] = f"q{seed}-{i}"
-        r["word"] = r["options"][r["answer"]]
-        # Ten annotators, the right word 7 times (VizWiz style); row-dependent so rows differ.
-        r["refs"] = [r["word"]] * 7 + ["unanswerable", "blue", r["options"][(r["answer"] + 1) % 4]]
-    return rows
-
-
-def _record(r: dict, kind: str, fmt: str, image) -> dict:
-    """One row of a file of `kind` in format fmt (parquet / jsonl / csv), with the image as given."""
-    rec = {"id": r["id"], "image": image, "question": r["question"]}
-    if kind == "mc":
-        if fmt == "csv":  # CSV cells hold no lists: one column per option, the answer as a letter
-            rec.update({letter: o for letter, o in zip(LETTERS, r["options"], strict=True)})
-            rec["answer"] = LETTERS[r["answer"]]
-        elif fmt == "jsonl":  # options as lettered text in the question, the answer as the option text
-            rec["question"] = r["question"] + "\n" + "\n".join(f"{k}. {o}" for k, o in zip(LETTERS, r["options"],
-                                                                                            strict=False))
-            rec["answer"] = r["word"]
-        else:  # a list column and an index
-            rec.update(options=r["options"], answer=r["answer"])
-    elif kind == "open1":
-        rec["answer"] = r["word"]
-    elif kind == "open10":
-        refs = r["refs"]
-        rec["answers"] = json.dumps(refs) if fmt == "csv" else (
-            [{"answer": a, "answer_confidence": "yes"} for a in refs] if fmt == "jsonl" else refs)
-    return rec
-
-
-def _write_table(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        ds = datasets.Dataset.from_list(records)
-        for key, value in records[0].items():
-            if isinstance(value, Image.Image):
-                ds = ds.cast_column(key, datasets.Image())
-        ds.to_parquet(str(path))
-    elif path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    else:
-        datasets.Dataset.from_list(records).to_csv(str(path), index=False)
-    return path
-
-
-def _images(rows: list[dict], folder: Path) -> list[str]:
-    """Save each row's image as images/<id>.png under `folder`; return the paths relative to it."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    names = []
-    for r in rows:
-        r["image"].save(folder / "images" / f"{r['id']}.png")
-        names.append(f"images/{r['id']}.png")
-    return names
-
-
-def make_source(tmp_path: Path, form: str, kind: str) -> tuple[str, list[dict]]:
-    """Write rows of `kind` in source form `form`; return data.source and the ground-truth rows."""
-    rows = _truth()
-    if form == "hub-dir":  # data/train-*.parquet and data/test-*.parquet with embedded images
-        root = tmp_path / "hub"
-        for split, part in (("train", rows[:8]), ("test", rows[8:])):
-            _write_table(root / "data" / f"{split}-00000-of-00001.parquet",
-                         [_record(r, kind, "parquet", r["image"]) for r in part])
-        return str(root), rows
-    if form == "parquet":
-        return str(_write_table(tmp_path / "tasks.parquet", [_record(r, kind, "parquet", r["image"]) for r in rows])), rows
-    if form in ("jsonl", "csv"):  # an index next to an images folder (paths relative to the index)
-        folder = tmp_path / form
-        names = _images(rows, folder)
-        path = _write_table(folder / f"index.{form}", [_record(r, kind, form, n) for r, n in zip(rows, names,
-                                                                                           strict=True)])
-        return str(path), rows
-    folder = tmp_path / "photos"  # a plain image folder
-    _images(rows, folder)
-    return str(folder / "images"), rows
 
 
 def _check(task, rows: list[dict], kind: str) -> None:

@@ -35,7 +35,7 @@ from efficientllava.families.prompts import (
 
 # Keys of an encoded batch that are ours, not the model's: the answer position, the option-letter
 # token ids, the correct letter's id, the correct option's index, the teacher-forced answer tokens.
-OWN_KEYS = frozenset({"answer_pos", "option_ids", "labels", "answers", "answer_ids"})
+OWN_KEYS = frozenset({"answer_pos", "option_ids", "labels", "answers", "answer_ids", "labelled"})
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")  # the prunable linears of a decoder layer
 LLAMA_LINEARS: Mapping[str, str] = {  # LLaMA, Vicuna, Mistral, Qwen2: one layout
     "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",

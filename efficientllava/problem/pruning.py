@@ -241,7 +241,8 @@ class PruningProblem:
             "repaired": policy != raw,
             "projector_version": session.inputs.projector_version,
             "bank": session.scorer.bank.fingerprint,
-            "fewshot": session.pipeline.task.fingerprint,
+            "fewshot": session.pipeline.task.fingerprint,  # the data fingerprint
+            "kind": session.pipeline.task.kind,  # multiple_choice | open_ended | unlabelled
         }
 
     def train_projector(self, policies: Sequence[Mapping[str, float]]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from efficientllava.pipeline import Pipeline
 from efficientllava.policy import PruningPolicy
 from efficientllava.problem.session import RoundInputs, WorkerSession
 from efficientllava.projector import optimize_projector
-from efficientllava.scoring.accuracy import evaluate_accuracy
 from efficientllava.space import SearchSpace, uniform_level
 
 
@@ -30,20 +29,23 @@ def train_projector(session: WorkerSession, policies: Sequence[Mapping[str, floa
 
 
 def _entry(pipeline: Pipeline, policy: PruningPolicy | None, space: SearchSpace, **extra: Any) -> dict[str, Any]:
-    """Held-out accuracy, sparsity, kept fraction and FLOPs speed-up of the model as it is now."""
+    """The task's held-out figure (`metric`: accuracy, exact_match, vqa_accuracy or agreement with the dense
+    model, see Pipeline.measure), sparsity, kept fraction and FLOPs speed-up of the model as it is now."""
     cost = pipeline.cost_model(space.granularity)
     units = space.unit_names(pipeline.num_layers)
     policy = policy or PruningPolicy.uniform(units, 0.0)
-    result = evaluate_accuracy(pipeline.model, pipeline.heldout_batches)
+    measured = pipeline.measure("heldout")
     c = cost.cost(policy)
-    return {"accuracy": result.accuracy, "n": result.n, "mean_sparsity": policy.mean_sparsity(cost.unit_param_counts()),
+    return {"metric": measured.metric, **measured.figures, "n": measured.n,
+            "mean_sparsity": policy.mean_sparsity(cost.unit_param_counts()),
             "kept_fraction": c.kept_fraction, "flops_speedup": c.flops_speedup, **extra}
 
 
 def heldout_entries(session: WorkerSession, first: RoundInputs, best_inputs: RoundInputs,
                     best: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Held-out accuracy of dense, uniform-at-budget (round 0's space and bank) and the best trial's policy
-    (with its round's projector and bank)."""
+    """The held-out figure of dense, uniform-at-budget (round 0's space and bank) and the best trial's policy
+    (with its round's projector and bank). Dense comes first, on the checkpoint's projector: for unlabelled
+    data its answers are what the others' agreement is measured against."""
     session.enter(first)
     assert session.space is not None and session.scorer is not None
     pipeline, space0 = session.pipeline, session.space
@@ -59,6 +61,8 @@ def heldout_entries(session: WorkerSession, first: RoundInputs, best_inputs: Rou
         out["best"] = _entry(pipeline, policy, session.space, projector_version=best_inputs.projector_version,
                              round=best["round"], number=best["number"], fewshot_accuracy=best.get("accuracy"),
                              objective=best.get("objective"))
-    if isinstance(out["best"]["fewshot_accuracy"], float):
-        out["best"]["fewshot_minus_heldout"] = out["best"]["fewshot_accuracy"] - out["best"]["accuracy"]
+    metric = out["best"]["metric"]
+    # The few-shot accuracy is the same figure as the held-out one except for VQA accuracy (several answers).
+    if isinstance(out["best"]["fewshot_accuracy"], float) and metric != "vqa_accuracy":
+        out["best"]["fewshot_minus_heldout"] = out["best"]["fewshot_accuracy"] - out["best"][metric]
     return out

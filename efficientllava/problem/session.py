@@ -23,7 +23,6 @@ from efficientllava.models.tiny import home_dir
 from efficientllava.pipeline import Pipeline, open_pipeline
 from efficientllava.policy import PruningPolicy
 from efficientllava.projector import projector_module, projector_state
-from efficientllava.prompting import encode_batches
 from efficientllava.pruning.bank import VariantBank, bank_bytes
 from efficientllava.scoring.objective import PolicyScorer
 from efficientllava.scoring.srm import SRMConfig
@@ -81,7 +80,9 @@ class WorkerSession:
     def __init__(self, cfg: ExperimentConfig) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
-        self.pipeline: Pipeline = open_pipeline(cfg.model, cfg.data, cfg.eval.batch_size)
+        self.pipeline: Pipeline = open_pipeline(cfg.model, cfg.data, cfg.eval.batch_size,
+                                                fidelity=cfg.objective.fidelity,
+                                                max_new_tokens=cfg.eval.max_new_tokens)
         WorkerSession.loads += 1
         self.load_s = time.perf_counter() - t0
         self.checkpoint_projector = projector_state(self.pipeline.model)
@@ -148,9 +149,6 @@ class WorkerSession:
         """The few-shot set in batches of `projector.batch_size` (one backward pass each)."""
         if self.cfg.projector.batch_size == self.cfg.eval.batch_size:
             return self.pipeline.fewshot_batches
-        if self._projector_batches is None:
-            loaded = self.pipeline.loaded
-            self._projector_batches = encode_batches(loaded.processor, self.pipeline.task.fewshot,
-                                                     self.cfg.projector.batch_size, loaded.prompt_format,
-                                                     loaded.device, loaded.dtype)
+        if self._projector_batches is None:  # encoded while the model is dense (unlabelled: dense targets)
+            self._projector_batches = self.pipeline.encode_split("fewshot", self.cfg.projector.batch_size)
         return self._projector_batches

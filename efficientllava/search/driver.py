@@ -53,6 +53,7 @@ from efficientllava.atomic import write_json_atomic
 from efficientllava.config import ExperimentConfig
 from efficientllava.errors import EfficientLLaVAError
 from efficientllava.experiment import STATUS_DONE, STATUS_RUNNING, ExperimentDir, open_experiment
+from efficientllava.heldout import heldout_lines
 from efficientllava.log import get_logger
 from efficientllava.search.api import METRIC, Objective, RoundState, SearchProblem, TrialStatus, build_problem
 from efficientllava.search.samplers import get_sampler
@@ -266,7 +267,10 @@ def round_summary(trials: pd.DataFrame, r: int, seconds: float) -> str:
     if ok.empty:
         return head + "; no successful trial"
     best = ok.loc[ok[METRIC].idxmax()]
-    extra = "".join(f", {k} {best[k]:.4g}" for k in ("accuracy", "kept_fraction") if k in t and pd.notna(best[k]))
+    # Unlabelled data: the few-shot "accuracy" is agreement with the dense model's answers; say so.
+    agree = "labelled" in t and best["labelled"] is not None and not bool(best["labelled"])
+    extra = "".join(f", {'agreement with dense' if k == 'accuracy' and agree else k} {best[k]:.4g}"
+                    for k in ("accuracy", "kept_fraction") if k in t and pd.notna(best[k]))
     mean_eval = ok["eval_s"].mean()
     return head + f"; best {METRIC} {best[METRIC]:.4g} (trial {r}-{int(best['number'])}{extra}); mean eval {mean_eval:.2f} s"
 
@@ -293,11 +297,9 @@ def finalize(exp: ExperimentDir, objectives: Sequence[Objective]) -> None:
 
 
 def log_heldout(heldout: dict[str, Any]) -> None:
-    """One line per compared policy (accuracy, mean sparsity, FLOPs speed-up when present)."""
-    for name, row in heldout.items():
-        figures = "  ".join(f"{k.replace('_', ' ')} {row[k]:.4g}" for k in ("accuracy", "mean_sparsity", "flops_speedup")
-                            if isinstance(row.get(k), (int, float)))
-        log.info(f"held-out {name:8s} {figures}")
+    """One line per compared policy (its figure by task kind, mean sparsity, FLOPs speed-up when present)."""
+    for line in heldout_lines(heldout):
+        log.info(line)
 
 
 class SearchDriver:
