@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from efficientllava.errors import DiskFullError
 
 
 def _write_atomic(path: str | Path, mode: str, write: Callable[[IO[Any]], object]) -> Path:
@@ -21,10 +25,29 @@ def _write_atomic(path: str | Path, mode: str, write: Callable[[IO[Any]], object
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def disk_full(path: str | Path) -> DiskFullError:
+    """The one-line error for a write to `path` that found the disk full, with what to do."""
+    path = Path(path)
+    root = next((p for p in path.resolve().parents if (p / "config.yaml").is_file() and (p / "state.json").exists()),
+                None)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    todo = f"free space and run `efficientllava resume {root}`" if root is not None else "free space and run it again"
+    return DiskFullError(f"{path}: no space left on device ({max(free, 0) / 1e6:.1f} MB free there); the old "
+                         f"file (if any) is intact; {todo}")
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

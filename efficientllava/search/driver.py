@@ -38,6 +38,7 @@ The journal study has none of these gaps: every ask/tell is appended to the file
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ from efficientllava.errors import EfficientLLaVAError
 from efficientllava.experiment import STATUS_DONE, STATUS_RUNNING, ExperimentDir, open_experiment
 from efficientllava.log import get_logger
 from efficientllava.search.api import METRIC, Objective, RoundState, SearchProblem, TrialStatus, build_problem
+from efficientllava.search.recovery import heal_experiment
 from efficientllava.search.samplers import get_sampler
 from efficientllava.search.study import (
     RoundProgress,
@@ -312,13 +314,20 @@ class SearchDriver:
         res = self.cfg.resources
         return Workers(self.cfg, self.exp.name, self.cfg.search.max_concurrent, res.cpu, res.gpu)
 
-    def run(self, heldout: bool = True) -> Path:
-        """Run (or continue) every remaining round, then the held-out check; returns the experiment directory."""
+    def run(self, heldout: bool = True, *, locked: bool = False) -> Path:
+        """Run (or continue) every remaining round, then the held-out check; returns the experiment directory.
+
+        Takes the directory's driver lock unless the caller holds it (`locked`, as the runner does
+        before Ray starts). The directory is healed first (`efficientllava.search.recovery`).
+        """
         exp = self.exp
         exp.check_format()
-        with exp.driver_lock():
+        with contextlib.nullcontext() if locked else exp.driver_lock():
             problem = build_problem(self.cfg)
             objectives = search_objectives(problem, self.cfg.search.sampler)
+            if repair_journal(exp):
+                log.warning(f"dropped a partly written last line from {exp.journal_path}")
+            heal_experiment(exp, problem, objectives, EngineContext(exp.root, None))
             saved = exp.read_state()
             if saved["status"] == STATUS_DONE:
                 finalize(exp, objectives)
@@ -326,8 +335,6 @@ class SearchDriver:
                     with self._workers() as workers:
                         self._heldout(problem, EngineContext(exp.root, workers))
                 return exp.root  # nothing left to search
-            if repair_journal(exp):
-                log.warning(f"dropped a partly written last line from {exp.journal_path}")
             started = time.time()
             run_file = exp.rounds_dir / f"run-{started:.3f}.json"
             with self._workers() as workers:
@@ -379,10 +386,10 @@ class SearchDriver:
             state = nxt
         exp.write_state(STATUS_DONE, state, history + [state])
 
-    def heldout(self) -> Path:
+    def heldout(self, *, locked: bool = False) -> Path:
         """Only the held-out check (workers started for it); returns the experiment directory."""
         self.exp.check_format()
-        with self.exp.driver_lock(), self._workers() as workers:
+        with contextlib.nullcontext() if locked else self.exp.driver_lock(), self._workers() as workers:
             self._heldout(build_problem(self.cfg), EngineContext(self.exp.root, workers))
         return self.exp.root
 
