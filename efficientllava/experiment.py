@@ -139,6 +139,8 @@ class ExperimentDir:
             return {"format": FORMAT, "status": STATUS_CREATED, "round": 0, "state": None, "history": []}
         except OSError as exc:
             raise DamagedFileError(self.state_path, f"cannot read ({exc.strerror})", self.state_todo) from None
+        except UnicodeDecodeError:
+            raise DamagedFileError(self.state_path, "damaged (not UTF-8 text)", self.state_todo) from None
         try:
             data = json.loads(text)
             if not isinstance(data, dict):

@@ -314,6 +314,18 @@ class SearchDriver:
         res = self.cfg.resources
         return Workers(self.cfg, self.exp.name, self.cfg.search.max_concurrent, res.cpu, res.gpu)
 
+    def prepare(self) -> list[str]:
+        """Before workers start (and before Ray, under the caller's lock): drop a torn journal line and rebuild a
+        damaged or missing journal / state.json from the records; returns the repairs made (each logged)."""
+        exp = self.exp
+        problem = build_problem(self.cfg)
+        repairs = []
+        if repair_journal(exp):
+            repairs.append(f"dropped a partly written last line from {exp.journal_path}")
+            log.warning(repairs[-1])
+        return repairs + heal_experiment(exp, problem, search_objectives(problem, self.cfg.search.sampler),
+                                         EngineContext(exp.root, None))
+
     def run(self, heldout: bool = True, *, locked: bool = False) -> Path:
         """Run (or continue) every remaining round, then the held-out check; returns the experiment directory.
 
@@ -323,11 +335,9 @@ class SearchDriver:
         exp = self.exp
         exp.check_format()
         with contextlib.nullcontext() if locked else exp.driver_lock():
+            self.prepare()  # a no-op when the runner already prepared the directory
             problem = build_problem(self.cfg)
             objectives = search_objectives(problem, self.cfg.search.sampler)
-            if repair_journal(exp):
-                log.warning(f"dropped a partly written last line from {exp.journal_path}")
-            heal_experiment(exp, problem, objectives, EngineContext(exp.root, None))
             saved = exp.read_state()
             if saved["status"] == STATUS_DONE:
                 finalize(exp, objectives)

@@ -27,6 +27,7 @@ from typing import Any
 from optuna.distributions import BaseDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from efficientllava.atomic import write_json_atomic
 from efficientllava.errors import DamagedFileError
 from efficientllava.experiment import STATUS_CREATED, STATUS_RUNNING, ExperimentDir
 from efficientllava.log import get_logger
@@ -204,9 +205,50 @@ def heal_experiment(exp: ExperimentDir, problem: SearchProblem, objectives: Sequ
                        + (f"; the old one is {moved.name}" if moved else ""))
     else:
         repairs += _records_missing(exp, records)
+    repairs += _round_files(exp)
     for line in repairs:
         log.warning(line)
+    _check_round_readable(exp, problem, ctx)
     return repairs
+
+
+def _round_files(exp: ExperimentDir) -> list[str]:
+    """Rewrite missing or damaged `rounds/round-<r>/state.json` from state.json (their other copy)."""
+    saved = exp.read_state()
+    states = [RoundState.from_json(h) for h in saved.get("history", [])]
+    if saved.get("state"):
+        states.append(RoundState.from_json(saved["state"]))
+    fixed = []
+    for s in {s.round: s for s in states}.values():
+        path = exp.round_state_path(s.round)
+        try:
+            ok = RoundState.from_json(json.loads(path.read_text())) == s
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            write_json_atomic(path, s.to_json())
+            fixed.append(s.round)
+    return [f"{exp.rounds_dir}: rewrote the round state files of rounds {fixed} from state.json"] if fixed else []
+
+
+def _check_round_readable(exp: ExperimentDir, problem: SearchProblem, ctx: DriverContext) -> None:
+    """Fail before Ray when the current round's own files (its space, seeds) cannot be read."""
+    state = exp.round_state()
+    if state is None:
+        check = getattr(type(problem), "check_config", None)
+        if callable(check):
+            check(getattr(problem, "config", None))  # round 0 is still to be set up from the configured space
+        return
+    try:
+        problem.space(state, ctx)
+        problem.seed_points(state, ctx)
+    except Exception as exc:  # noqa: BLE001 (any failure here would otherwise surface after Ray starts)
+        files = ", ".join(str(exp.root / v) for v in state.payload.values()
+                          if isinstance(v, str) and (exp.root / v).suffix in (".yaml", ".json"))
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise DamagedFileError(files or exp.root, f"round {state.round}'s files cannot be read ({first})",
+                               "restore them from a backup or a copy of this directory, then run the command "
+                               "again") from None
 
 
 def _records_missing(exp: ExperimentDir, records: Sequence[Mapping[str, Any]]) -> list[str]:

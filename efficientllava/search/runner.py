@@ -67,10 +67,12 @@ def resume_search(experiment_dir: str | Path, *, heldout: bool = True) -> Path:
     cfg = exp.load_config()
     load_problem_class(cfg.problem)
     with exp.driver_lock("efficientllava resume"):
+        driver = SearchDriver(exp.root)
+        driver.prepare()  # records first: journal and state.json rebuilt from them if damaged, before Ray
         log.info(f"resuming {exp.root}")
         init_ray()
         check_resources(cfg)
-        return SearchDriver(exp.root).run(heldout=heldout, locked=True)
+        return driver.run(heldout=heldout, locked=True)
 
 
 def heldout_check(experiment_dir: str | Path) -> Path:
