@@ -39,7 +39,7 @@ def _write_atomic(path: str | Path, mode: str, write: Callable[[IO[Any]], object
 def disk_full(path: str | Path) -> DiskFullError:
     """The one-line error for a write to `path` that found the disk full, with what to do."""
     path = Path(path)
-    root = next((p for p in path.resolve().parents if (p / "config.yaml").is_file() and (p / "state.json").exists()),
+    root = next((p for p in (path.resolve(), *path.resolve().parents) if (p / "config.yaml").is_file() and (p / "trials").is_dir()),
                 None)
     try:
         free = shutil.disk_usage(path.parent).free

@@ -110,12 +110,16 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 def _cmd_resume(args: argparse.Namespace) -> None:
     from efficientllava.experiment import open_experiment
-    from efficientllava.search.runner import resume_search
 
     exp = open_experiment(args.dir)
     exp.check_format()
-    _prepare_model(exp.load_config().model.spec)
-    _finish(resume_search(args.dir, heldout=not args.no_heldout))
+    cfg = exp.load_config()
+    # The driver lock first, before torch, Ray or a model load: a second driver of this directory exits at once.
+    with exp.driver_lock("efficientllava resume"):
+        from efficientllava.search.runner import resume_search
+
+        _prepare_model(cfg.model.spec)
+        _finish(resume_search(args.dir, heldout=not args.no_heldout, locked=True))
 
 
 def _prepare_model(spec: str) -> None:

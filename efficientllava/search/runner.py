@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -57,16 +58,17 @@ def run_search(cfg: ExperimentConfig, experiment_dir: str | Path | None = None, 
         return SearchDriver(exp.root).run(heldout=heldout, locked=True)
 
 
-def resume_search(experiment_dir: str | Path, *, heldout: bool = True) -> Path:
+def resume_search(experiment_dir: str | Path, *, heldout: bool = True, locked: bool = False) -> Path:
     """Continue a killed, crashed or finished search from its directory; returns the directory.
 
-    A second driver of the same directory fails here at once, before Ray starts.
+    A second driver of the same directory fails here at once, before Ray starts (`locked`: the
+    caller holds the directory's driver lock already).
     """
     exp = open_experiment(experiment_dir)
     exp.check_format()
     cfg = exp.load_config()
     load_problem_class(cfg.problem)
-    with exp.driver_lock("efficientllava resume"):
+    with contextlib.nullcontext() if locked else exp.driver_lock("efficientllava resume"):
         driver = SearchDriver(exp.root)
         driver.prepare()  # records first: journal and state.json rebuilt from them if damaged, before Ray
         log.info(f"resuming {exp.root}")
