@@ -109,17 +109,23 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 
 def _cmd_resume(args: argparse.Namespace) -> None:
-    from efficientllava.experiment import open_experiment
+    from efficientllava.experiment_lock import driver_lock
 
-    exp = open_experiment(args.dir)
-    exp.check_format()
-    cfg = exp.load_config()
-    # The driver lock first, before torch, Ray or a model load: a second driver of this directory exits at once.
-    with exp.driver_lock("efficientllava resume"):
+    root = Path(args.dir)
+    if not (root / "config.yaml").is_file():
+        from efficientllava.experiment import open_experiment
+
+        open_experiment(root)  # the one-line error for a path that is no experiment directory
+    # The driver lock first, before pandas, torch or Ray are imported: a second driver of this directory
+    # exits at once (in tens of milliseconds, not after the seconds those imports take).
+    with driver_lock(root, "efficientllava resume"):
+        from efficientllava.experiment import open_experiment
         from efficientllava.search.runner import resume_search
 
-        _prepare_model(cfg.model.spec)
-        _finish(resume_search(args.dir, heldout=not args.no_heldout, locked=True))
+        exp = open_experiment(root)
+        exp.check_format()
+        _prepare_model(exp.load_config().model.spec)
+        _finish(resume_search(root, heldout=not args.no_heldout, locked=True))
 
 
 def _prepare_model(spec: str) -> None:

@@ -314,7 +314,7 @@ def test_two_concurrent_resumes_one_runs_one_exits_at_once(experiments, tmp_path
         errors = [ln for ln in logs[loser].splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and "is being searched by pid" in errors[0], logs[loser]
         print(f"\nconcurrent resumes: winner exit 0 after {ends[winner]:.1f} s, loser exit 2 after {ends[loser]:.1f} s")
-        assert ends[loser] < 5 or ends[loser] < ends[winner] / 4, ends
+        assert ends[loser] < 5, ends
     finally:
         for t in tmps:
             _kill_ray(t)
