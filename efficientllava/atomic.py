@@ -19,16 +19,18 @@ def _write_atomic(path: str | Path, mode: str, write: Callable[[IO[Any]], object
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    size = 0
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+            size = f.tell()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(path) from None
+            raise disk_full(path, size) from None
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -36,7 +38,7 @@ def _write_atomic(path: str | Path, mode: str, write: Callable[[IO[Any]], object
     return path
 
 
-def disk_full(path: str | Path) -> DiskFullError:
+def disk_full(path: str | Path, needed: int | None = None) -> DiskFullError:
     """The one-line error for a write to `path` that found the disk full, with what to do."""
     path = Path(path)
     root = next((p for p in (path.resolve(), *path.resolve().parents) if (p / "config.yaml").is_file() and (p / "trials").is_dir()),
@@ -46,7 +48,8 @@ def disk_full(path: str | Path) -> DiskFullError:
     except OSError:
         free = -1
     todo = f"free space and run `efficientllava resume {root}`" if root is not None else "free space and run it again"
-    return DiskFullError(f"{path}: no space left on device ({max(free, 0) / 1e6:.1f} MB free there); the old "
+    need = f"{needed} bytes to write, " if needed else ""
+    return DiskFullError(f"{path}: no space left on device ({need}{max(free, 0) / 1e6:.1f} MB free there); the old "
                          f"file (if any) is intact; {todo}")
 
 

@@ -49,10 +49,11 @@ from typing import Any
 
 import pandas as pd
 from ray import tune
+from ray.tune.error import TuneError
 
 from efficientllava.atomic import write_json_atomic
 from efficientllava.config import ExperimentConfig
-from efficientllava.errors import EfficientLLaVAError
+from efficientllava.errors import DiskFullError, EfficientLLaVAError
 from efficientllava.experiment import STATUS_DONE, STATUS_RUNNING, ExperimentDir, open_experiment
 from efficientllava.log import get_logger
 from efficientllava.search.api import METRIC, Objective, RoundState, SearchProblem, TrialStatus, build_problem
@@ -137,6 +138,15 @@ class TrialRecorder(tune.Callback):
 
     def __init__(self, exp: ExperimentDir, state: RoundState, progress: ProgressLog) -> None:
         self.exp, self.state, self.progress = exp, state, progress
+        self.error: EfficientLLaVAError | None = None  # e.g. disk full: Tune wraps it in a TuneError traceback
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        """Write a record; a user-facing error is kept for run_round to raise as itself, then stops Tune."""
+        try:
+            write_json_atomic(self.exp.trial_path(self.state.round, rec["number"]), rec)
+        except EfficientLLaVAError as exc:
+            self.error = exc
+            raise
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         """Record a finished evaluation (completed or errored)."""
@@ -148,7 +158,7 @@ class TrialRecorder(tune.Callback):
                            eval_s=outcome["eval_s"], retry_of=tags["retry_of"], worker=outcome["worker"],
                            traceback=outcome.get("traceback"), seed=tags["seed"])
         rec["forwarder_started_at"] = outcome.get("forwarder_started_at")  # Tune's trial actor start (overhead)
-        write_json_atomic(self.exp.trial_path(self.state.round, rec["number"]), rec)
+        self._write(rec)
         self.progress.add(rec)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -162,7 +172,7 @@ class TrialRecorder(tune.Callback):
         rec = trial_record(state=self.state, number=tags["number"], trial_id=trial.trial_id, params=params,
                            result=None, error=(lines[-1] if lines else text)[:500], started=now, finished=now,
                            wall_s=0.0, eval_s=0.0, retry_of=tags["retry_of"], worker=None, traceback=text, seed=tags["seed"])
-        write_json_atomic(self.exp.trial_path(self.state.round, rec["number"]), rec)
+        self._write(rec)
         self.progress.add(rec)
 
 
@@ -229,6 +239,7 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
             raise EfficientLLaVAError(f"round {r}: every evaluation worker died ({status['dead']}); "
                                       f"fix the cause and run `efficientllava resume {exp.root}`")
         progress_log = ProgressLog(r, n, progress.done, best)
+        recorder = TrialRecorder(exp, state, progress_log)
         log.debug("round %d: starting a Tuner for %d trials", r, progress.remaining)
         tuner = tune.Tuner(
             make_trainable(workers.pool, r, objectives, slots=cfg.search.max_concurrent + QUEUE_AHEAD),
@@ -244,11 +255,19 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=0, checkpoint_at_end=False),
                 verbose=0,
-                callbacks=[TrialRecorder(exp, state, progress_log)],
+                callbacks=[recorder],
                 log_to_file=False,
             ),
         )
-        tuner.fit()
+        try:
+            tuner.fit()
+        except TuneError as exc:
+            if recorder.error is not None:
+                raise recorder.error from None
+            if "No space left on device" in str(exc):  # one of Tune's own files
+                raise DiskFullError(f"{exp.tune_storage(r, cfg)}: no space left on device (Ray Tune's round files); "
+                                    f"free space and run `efficientllava resume {exp.root}`") from None
+            raise
         log.debug("round %d: Tuner.fit returned", r)
         best = progress_log.best
         progress = reconcile_round(exp, r, n, retry_errors=False, objectives=objectives)
