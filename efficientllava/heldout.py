@@ -22,7 +22,7 @@ def _read(path: Path, todo: str) -> dict[str, Any] | None:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
-        log.warning(f"{path}: damaged ({type(exc).__name__}: {str(exc)[:60]}); {todo}")
+        log.warning(f"{path}: damaged ({type(exc).__name__}); {todo}")
         return None
     return data
 

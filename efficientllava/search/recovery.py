@@ -29,7 +29,7 @@ from optuna.trial import TrialState, create_trial
 
 from efficientllava.atomic import write_json_atomic
 from efficientllava.errors import DamagedFileError
-from efficientllava.experiment import STATUS_CREATED, STATUS_RUNNING, ExperimentDir
+from efficientllava.experiment import STATUS_CREATED, STATUS_DONE, STATUS_RUNNING, ExperimentDir
 from efficientllava.log import get_logger
 from efficientllava.search.api import METRIC, DriverContext, Objective, RoundState, SearchProblem, TrialStatus
 from efficientllava.search.study import (
@@ -233,6 +233,8 @@ def _round_files(exp: ExperimentDir) -> list[str]:
 
 def _check_round_readable(exp: ExperimentDir, problem: SearchProblem, ctx: DriverContext) -> None:
     """Fail before Ray when the current round's own files (its space, seeds) cannot be read."""
+    if exp.read_state().get("status") == STATUS_DONE:
+        return  # a finished search only rewrites its outputs from the records
     state = exp.round_state()
     if state is None:
         check = getattr(type(problem), "check_config", None)

@@ -216,8 +216,9 @@ def run_case(base: Path, work: Path, file: str, how: str, command: str, *, inter
     lines = [ln for ln in err.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error: ")]
     message = errors[0] if errors else " | ".join(ln.removeprefix("[efficientllava] ") for ln in lines
-                                                  if ln.startswith("[efficientllava]") and " resuming " not in ln
-                                                  and "report: " not in ln and "trials: " not in ln)
+                                                  if ln.startswith("[efficientllava]") and not ln.startswith(
+                                                      ("[efficientllava] resuming ", "[efficientllava] report: ",
+                                                       "[efficientllava] trials: efficientllava")))
     why = ""
     if "Traceback" in err:
         why = "a traceback"
