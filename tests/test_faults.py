@@ -212,6 +212,20 @@ def test_search_checks_before_ray_and_leaves_no_directory(tmp_path):
     assert not (tmp_path / "D").exists()
 
 
+@pytest.mark.parametrize(("patch", "words"), [
+    ({"model": {"spec": "./no-such-checkpoint"}}, "unknown model spec"),
+    ({"data": {"dataset": "vqa", "source": "/no/such/data.parquet"}}, "no such file"),
+    ({"space": "missing-space.yaml"}, "is not a file"),
+])
+def test_pruning_search_checks_model_data_and_space_before_ray(tmp_path, patch, words):
+    repo = Path(__file__).resolve().parents[1]
+    cfg = {"name": "early", "space": str(repo / "search_spaces" / "tiny.yaml"), **patch}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    rc, err = run_cli(["search", str(tmp_path / "exp.yaml"), "--dir", str(tmp_path / "D")])
+    assert rc == 2 and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "D").exists()
+
+
 def test_trials_csv_into_a_missing_folder(experiments, tmp_path):
     rc, err = run_cli(["trials", str(experiments["finished"]), "--csv", str(tmp_path / "nope" / "t.csv")])
     assert rc == 2 and "nope" in err and err.count("\n") == 1, err
