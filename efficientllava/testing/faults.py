@@ -259,11 +259,11 @@ def fault_table(folder: Path, progress: Callable[[Outcome], None] | None = None,
 
 def format_table(rows: list[Outcome]) -> str:
     """The table as fixed-width text: experiment:file | damage | command | exit | outcome."""
-    head = f"{'experiment:file':34s} {'damage':8s} {'command':7s} {'exit':4s} {'ok':3s} outcome"
+    head = f"{'experiment:file':38s} {'damage':8s} {'command':7s} {'exit':4s} {'ok':3s} outcome"
     lines = [head, "-" * len(head)]
     for o in rows:
         outcome = o.message or ("recovered/unaffected" if o.ok else "")
         if o.why:
             outcome = f"FAIL ({o.why}): {outcome}"
-        lines.append(f"{o.file:34s} {o.damage:8s} {o.command:7s} {o.rc!s:4s} {'yes' if o.ok else 'NO':3s} {outcome}")
+        lines.append(f"{o.file:38s} {o.damage:8s} {o.command:7s} {o.rc!s:4s} {'yes' if o.ok else 'NO':3s} {outcome}")
     return "\n".join(lines)
