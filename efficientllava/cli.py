@@ -9,6 +9,7 @@ model loads and `efficientllava trials` does not import torch.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -115,13 +116,23 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 
 def _cmd_resume(args: argparse.Namespace) -> None:
-    from efficientllava.experiment import open_experiment
-    from efficientllava.search.runner import resume_search
+    from efficientllava.experiment_lock import driver_lock
 
-    exp = open_experiment(args.dir)
-    exp.check_format()
-    _prepare_model(exp.load_config().model.spec)
-    _finish(resume_search(args.dir, heldout=not args.no_heldout))
+    root = Path(args.dir)
+    if not (root / "config.yaml").is_file():
+        from efficientllava.experiment import open_experiment
+
+        open_experiment(root)  # the one-line error for a path that is no experiment directory
+    # The driver lock first, before pandas, torch or Ray are imported: a second driver of this directory
+    # exits at once (in tens of milliseconds, not after the seconds those imports take).
+    with driver_lock(root, "efficientllava resume"):
+        from efficientllava.experiment import open_experiment
+        from efficientllava.search.runner import resume_search
+
+        exp = open_experiment(root)
+        exp.check_format()
+        _prepare_model(exp.load_config().model.spec)
+        _finish(resume_search(root, heldout=not args.no_heldout, locked=True))
 
 
 def _prepare_model(spec: str) -> None:
@@ -152,6 +163,10 @@ def _cmd_trials(args: argparse.Namespace) -> None:
     df = load_trials(args.dir)
     if args.top:
         df = df[df["status"] == TrialStatus.COMPLETE.value].sort_values("objective", ascending=False).head(args.top)
+    out = args.csv or args.parquet
+    if out and not Path(out).expanduser().resolve().parent.is_dir():
+        raise ConfigError(f"{out}: its folder {Path(out).expanduser().resolve().parent} does not exist; create it "
+                          "or choose another path")
     if args.csv:
         df.to_csv(args.csv, index=False)
         print(f"wrote {len(df)} trials to {args.csv}")
@@ -309,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `efficientllava` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
         configure(level_from_flags(getattr(args, "quiet", False), getattr(args, "verbose", False)))
@@ -318,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as exc:
         print(f"error: {ConfigError(f'no such file: {exc.filename}')}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from efficientllava.atomic import disk_full
+
+        where = exc.filename or getattr(args, "dir", None) or "a file"
+        print(f"error: {disk_full(where)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished trials are kept: continue with `efficientllava resume DIR`", file=sys.stderr)

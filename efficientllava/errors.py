@@ -25,3 +25,15 @@ class PolicyError(ConfigError):
 
 class ResourceError(EfficientLLaVAError):
     """A request for resources (GPUs, CPUs, storage) that the cluster cannot satisfy."""
+
+
+class DamagedFileError(EfficientLLaVAError):
+    """A file of an experiment directory cannot be read or parsed (truncated, garbled, unreadable)."""
+
+    def __init__(self, path: object, what: str, todo: str) -> None:
+        super().__init__(f"{path}: {what}; {todo}")
+        self.path = path
+
+
+class DiskFullError(EfficientLLaVAError):
+    """A write failed because the disk (or a quota) is full; the directory stays resumable."""

@@ -3,13 +3,17 @@
 Layout of `<storage>/<name>-YYYYmmdd-HHMMSS/` (engine files; the problem adds its own, e.g.
 `spaces/` and `projector/` for the pruning problem):
 
-    config.yaml              the resolved ExperimentConfig (space path absolute)
+    .driver.lock             held by the running search/resume (efficientllava.experiment_lock): host, pid, start
+    config.yaml              the resolved ExperimentConfig (`space: space.yaml`, relative to the directory)
+    space.yaml               the configured search space, copied in at creation
     study.journal            Optuna JournalStorage: one study `round-<r>` per round; the source of truth
     state.json               format, status, current round, its RoundState, finished rounds' states (atomic)
     rounds/round-<r>/        Ray Tune's storage for round r (one `tune-<stamp>-<k>` run per start/resume),
                              timing-<start>.json per (re)start of the round, workers-<start>.json
     rounds/run-<start>.json  one per driver run: start, end, rounds run (whole-run timing)
-    trials/<r>-<number>.json one record per finished trial (written atomically by the driver)
+    rounds/round-<r>/state.json  round r's RoundState (state.json is rebuilt from these and the records)
+    trials/<r>-<number>.json one record per finished trial (written atomically by the driver): THE record;
+                             the journal is rebuilt from them when damaged (efficientllava.recovery)
     trials.parquet           the trial table, rewritten after each round and at the end
     best_policy.json         the best trial over all rounds
     heldout.json             the problem's held-out comparison (when it has one)
@@ -23,11 +27,9 @@ the experiment directory is then created under `./runs` (or where `experiment_di
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import dataclasses
 import json
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +37,21 @@ import yaml
 
 from efficientllava.atomic import write_json_atomic, write_text_atomic
 from efficientllava.config import ExperimentConfig, config_from_dict, config_to_dict
-from efficientllava.errors import ConfigError, EfficientLLaVAError
+from efficientllava.errors import ConfigError, DamagedFileError
+from efficientllava.experiment_lock import LOCK_FILE, driver_lock
 from efficientllava.search.api import RoundState
 
 __all__ = ["ExperimentDir", "create_experiment", "open_experiment", "write_json_atomic"]
 
+CONFIG_TODO = ("restore it from the experiment YAML the search was started with (keep `space:` pointing at the "
+               "space.yaml in this directory), then run the command again")
 STATUS_CREATED = "created"
 STATUS_RUNNING = "running"
 STATUS_DONE = "done"
 # Version of the directory's layout. 2: problem-owned RoundState payloads with relative paths, engine
 # trial numbers, records written by the driver. Directories without one were written by 0.1.
 FORMAT = 2
+SPACE_FILE = "space.yaml"  # the configured search space, copied in at creation
 
 
 def is_uri(path: str) -> bool:
@@ -75,7 +81,7 @@ class ExperimentDir:
     trials_parquet = property(lambda self: self.root / "trials.parquet", doc="The trial table.")
     best_policy_path = property(lambda self: self.root / "best_policy.json", doc="Best trial.")
     heldout_path = property(lambda self: self.root / "heldout.json", doc="Held-out comparison.")
-    lock_path = property(lambda self: self.root / ".driver.lock", doc="Held by the running driver.")
+    lock_path = property(lambda self: self.root / LOCK_FILE, doc="Held by the running driver.")
 
     def round_dir(self, r: int) -> Path:
         """Local Ray Tune storage of round `r`."""
@@ -98,12 +104,20 @@ class ExperimentDir:
         return sorted(p for p in self.trials_dir.glob("*.json") if not p.name.startswith("."))
 
     def load_config(self) -> ExperimentConfig:
-        """The config the experiment was created with."""
+        """The config the experiment was created with (a relative `space:` is inside the directory)."""
         try:
             d = yaml.safe_load(self.config_path.read_text())
         except OSError as exc:
             raise ConfigError(f"{self.config_path}: cannot read ({exc.strerror})") from exc
-        return config_from_dict(d, self.config_path, resolve_space=False)
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise DamagedFileError(self.config_path, f"damaged, not valid YAML ({str(exc).splitlines()[0]})",
+                                   CONFIG_TODO) from None
+        if not isinstance(d, dict):
+            raise DamagedFileError(self.config_path, "damaged (not a mapping of keys)", CONFIG_TODO)
+        cfg = config_from_dict(d, self.config_path, resolve_space=False)
+        if not Path(cfg.space).is_absolute():
+            cfg = dataclasses.replace(cfg, space=str(self.root / cfg.space))
+        return cfg
 
     def storage(self) -> Any:
         """The Optuna storage holding every round's study (a journal file, see `efficientllava.journal`)."""
@@ -114,15 +128,46 @@ class ExperimentDir:
         return JournalStorage(JournalBackend(str(self.journal_path)))
 
     def read_state(self) -> dict[str, Any]:
-        """state.json as a mapping (keys: format, status, round, state, history, updated_at)."""
+        """state.json as a mapping (keys: format, status, round, state, history, updated_at).
+
+        A missing file reads as a fresh experiment; a damaged one raises DamagedFileError (resume
+        rebuilds it from the directory: `efficientllava.recovery`).
+        """
         try:
-            return json.loads(self.state_path.read_text())
+            text = self.state_path.read_text()
         except FileNotFoundError:
             return {"format": FORMAT, "status": STATUS_CREATED, "round": 0, "state": None, "history": []}
+        except OSError as exc:
+            raise DamagedFileError(self.state_path, f"cannot read ({exc.strerror})", self.state_todo) from None
+        except UnicodeDecodeError:
+            raise DamagedFileError(self.state_path, "damaged (not UTF-8 text)", self.state_todo) from None
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            RoundState.from_json(data["state"]) if data.get("state") else None
+            [RoundState.from_json(h) for h in data.get("history", [])]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DamagedFileError(self.state_path, f"damaged ({type(exc).__name__}: {str(exc)[:80]})",
+                                   self.state_todo) from None
+        return data
+
+    @property
+    def state_todo(self) -> str:
+        """What to do about a damaged state.json."""
+        return f"run `efficientllava resume {self.root}` to rebuild it from the trial records and round files"
+
+    def round_state_path(self, r: int) -> Path:
+        """The record of round `r`'s RoundState (written when the round is set up; state.json can be rebuilt from these)."""
+        return self.round_dir(r) / "state.json"
 
     def check_format(self) -> None:
         """Refuse to resume a directory written in another layout, with what to do instead."""
-        found = self.read_state().get("format", 1)
+        try:
+            found = self.read_state().get("format", 1)
+        except DamagedFileError:
+            return  # the driver rebuilds state.json (in the current format) from the directory
+
         if found != FORMAT:
             raise ConfigError(
                 f"{self.root} was written by {'an older' if found < FORMAT else 'a newer'} efficientllava "
@@ -132,7 +177,11 @@ class ExperimentDir:
             )
 
     def write_state(self, status: str, state: RoundState | None, history: list[RoundState]) -> None:
-        """Write state.json atomically."""
+        """Write state.json atomically (and the current round's RoundState beside its Tune runs)."""
+        if state is not None:
+            path = self.round_state_path(state.round)
+            if not path.is_file():
+                write_json_atomic(path, state.to_json())
         write_json_atomic(self.state_path, {
             "format": FORMAT,
             "status": status,
@@ -151,27 +200,9 @@ class ExperimentDir:
         """The states of the rounds finished so far (all rounds once the search is done)."""
         return [RoundState.from_json(s) for s in self.read_state().get("history", [])]
 
-    @contextlib.contextmanager
-    def driver_lock(self) -> Iterator[None]:
-        """Hold the directory's driver lock: a second search or resume of it fails at once."""
-        with open(self.lock_path, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                owner = fh.read().strip() or "another process"
-                raise EfficientLLaVAError(
-                    f"{self.root} is being searched by {owner}; wait for it to end (or stop it) "
-                    "before resuming"
-                ) from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
-            fh.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def driver_lock(self, command: str | None = None) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        """Hold the directory's driver lock (efficientllava.experiment_lock): a second driver fails at once."""
+        return driver_lock(self.root, command)
 
 
 def create_experiment(cfg: ExperimentConfig, root: str | Path | None = None) -> ExperimentDir:
@@ -188,6 +219,11 @@ def create_experiment(cfg: ExperimentConfig, root: str | Path | None = None) -> 
     exp = ExperimentDir(root)
     for d in (exp.root, exp.trials_dir, exp.rounds_dir):
         d.mkdir(parents=True, exist_ok=True)
+    # The space travels with the directory (which can then be moved or copied) and is named relative to it.
+    space = Path(cfg.space)
+    if space.is_file():
+        write_text_atomic(exp.root / SPACE_FILE, space.read_text())
+        cfg = dataclasses.replace(cfg, space=SPACE_FILE)
     write_text_atomic(exp.config_path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     exp.write_state(STATUS_CREATED, None, [])
     return exp

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from efficientllava.errors import PolicyError
 
+POLICY_PREFIX = "policy/"  # a trial record's result term per unit (search.api.POLICY_PREFIX)
 _REPR_HEAD = 4  # units shown at the start of a long repr
 _REPR_TAIL = 2  # and at its end
 
@@ -139,15 +140,23 @@ class PruningPolicy:
 
     @classmethod
     def from_json(cls, text: str) -> PruningPolicy:
-        """Parse `to_json` output, or a bare `{unit: ratio}` object."""
+        """Parse `to_json` output (an export's policy.json), a search's best_policy.json (`policy`), a trial
+        record (its `policy/<unit>` result terms), or a bare `{unit: ratio}` object."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PolicyError(f"policy is not valid JSON: {exc}") from None
-        if isinstance(data, dict) and "ratios" in data:
+        if isinstance(data, dict) and isinstance(data.get("ratios"), dict):
             data = data["ratios"]
+        elif isinstance(data, dict) and isinstance(data.get("policy"), dict):
+            data = data["policy"]
+        elif isinstance(data, dict) and isinstance(data.get("result"), dict) and "params" in data:
+            data = {k.removeprefix(POLICY_PREFIX): v for k, v in data["result"].items() if k.startswith(POLICY_PREFIX)}
         if not isinstance(data, dict):
             raise PolicyError('policy JSON must be an object {"ratios": {unit: ratio, ...}}')
+        if not data:
+            raise PolicyError("policy has no units; expected {unit: ratio, ...}, an export's policy.json, a "
+                              "search's best_policy.json or a trial record")
         return cls.from_mapping(data)
 
     def save(self, path: str | Path) -> Path:

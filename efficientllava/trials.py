@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from efficientllava.atomic import write_json_atomic
+from efficientllava.errors import DamagedFileError
 from efficientllava.experiment import open_experiment
 from efficientllava.search.api import METRIC, POLICY_PREFIX, STATUSES, Objective, RoundState, TrialStatus
 
@@ -60,10 +61,32 @@ def policy_of(record: Mapping[str, Any]) -> dict[str, float]:
     return {k[len(POLICY_PREFIX):]: v for k, v in (record.get("result") or {}).items() if k.startswith(POLICY_PREFIX)}
 
 
+def read_record(path: str | Path) -> dict[str, Any]:
+    """One trial record; a damaged one is a DamagedFileError naming the file and what to do."""
+    path = Path(path)
+    try:
+        rec = json.loads(path.read_text())
+        if not isinstance(rec, dict):
+            raise ValueError("not a JSON object")
+        int(rec["round"]), int(rec["number"]), rec["status"], dict(rec["params"])
+    except OSError as exc:
+        raise DamagedFileError(path, f"cannot read trial record ({exc.strerror})", _record_todo(path)) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DamagedFileError(path, f"damaged trial record ({type(exc).__name__}: {str(exc)[:80]})",
+                               _record_todo(path)) from None
+    return rec
+
+
+def _record_todo(path: Path) -> str:
+    """What to do about a damaged record: it is the only copy of that trial's result."""
+    return (f"restore it from a backup, or move it out of {path.parent} (that trial's terms are then lost; "
+            f"the study still counts it, so it is not evaluated again)")
+
+
 def read_records(experiment_dir: str | Path) -> list[dict[str, Any]]:
     """All trial records of an experiment, sorted by (round, number)."""
     exp = open_experiment(experiment_dir)
-    records = [json.loads(p.read_text()) for p in exp.trial_paths()]
+    records = [read_record(p) for p in exp.trial_paths()]
     return sorted(records, key=lambda r: (int(r["round"]), int(r["number"])))
 
 

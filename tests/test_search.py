@@ -89,8 +89,9 @@ def test_search_writes_every_file(finished):
     for r in (0, 1):
         assert any((root / "rounds" / f"round-{r}").glob("tune-*")), "Tune's storage for the round"
         assert len(list((root / "trials").glob(f"{r}-*.json"))) == 6
-    reloaded = open_experiment(root).load_config()
-    assert dataclasses.replace(reloaded) == cfg
+    reloaded = open_experiment(root).load_config()  # the space is copied in and named relative to the directory
+    assert reloaded == dataclasses.replace(cfg, space=str(root / "space.yaml"))
+    assert (root / "space.yaml").read_text() == Path(cfg.space).read_text()
 
 
 def test_study_matches_trial_jsons(finished):

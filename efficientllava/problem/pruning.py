@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 from efficientllava.allocations import seed_points
 from efficientllava.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from efficientllava.config import ExperimentConfig
-from efficientllava.errors import PolicyError
+from efficientllava.errors import DataError, PolicyError
 from efficientllava.evolution import describe_evolution, evolve_space
 from efficientllava.log import get_logger
 from efficientllava.policy import PruningPolicy
@@ -70,6 +70,23 @@ class PruningProblem:
         self.config = config
         self._session: WorkerSession | None = None
         self._spaces: dict[Path, SearchSpace] = {}
+
+    @staticmethod
+    def check_config(config: ExperimentConfig) -> None:
+        """Before Ray starts and the directory exists: the space parses, the model spec resolves (no download)
+        and a local data source exists."""
+        load_space(config.space)
+        if config.model.spec != "tiny":
+            from efficientllava.models.loading import resolve_spec
+
+            resolve_spec(config.model.spec)
+        source = config.data.source
+        if source is not None:
+            from efficientllava.data.sources import is_hub_id
+
+            if not is_hub_id(source) and not Path(source).expanduser().exists():
+                raise DataError(f"data.source={source!r}: no such file or directory; pass a local path or a "
+                                "Hub dataset id (owner/name)")
 
     # -- driver side ----------------------------------------------------------------------------
 
@@ -147,19 +164,7 @@ class PruningProblem:
         payload = dict(state.payload)
         nxt = state.round + 1
         if cfg.projector.enabled and top and cfg.projector.steps > 0:
-            trained = ctx.call("train_projector", top[: cfg.projector.top_k])
-            version = int(payload.get("projector_version", 0)) + 1
-            rel = f"projector/projector-{version}.safetensors"
-            write_bytes_atomic(ctx.root / rel, save_safetensors(
-                trained["state_dict"], metadata={"format": "pt", "content": "llava-projector"}))
-            write_json_atomic(ctx.root / f"projector/projector-{version}.json", {
-                "round": state.round, "version": version, "loss_before": trained["loss_before"],
-                "loss_after": trained["loss_after"], "steps": trained["steps"], "seconds": trained["seconds"],
-                "policies": top[: cfg.projector.top_k]})
-            log.info(f"round {state.round}: projector v{version}: few-shot loss {trained['loss_before']:.4f} -> "
-                     f"{trained['loss_after']:.4f} under top-{len(top[: cfg.projector.top_k])} policies "
-                     f"({trained['seconds']:.1f}s)")
-            payload.update(projector=rel, projector_version=version)
+            payload.update(self._next_projector(state, top[: cfg.projector.top_k], ctx))
         space = self._search_space(state, ctx)
         if cfg.evolution.enabled and top:
             policies = [PruningPolicy.from_mapping(p) for p in top[: cfg.evolution.top_k]]
@@ -184,6 +189,38 @@ class PruningProblem:
         write_json_atomic(ctx.root / rel_seeds, seeds)
         payload["seeds"] = rel_seeds
         return RoundState(nxt, payload)
+
+    def _next_projector(self, state: RoundState, top: list[dict[str, float]], ctx: DriverContext) -> dict[str, Any]:
+        """The next round's projector payload: a new version when training lowered the few-shot loss, else the
+        current one. A version already trained after this round (a resume after a crash) is reused, not retrained."""
+        version = int(state.payload.get("projector_version", 0)) + 1
+        rel = f"projector/projector-{version}.safetensors"
+        meta_path = ctx.root / f"projector/projector-{version}.json"
+        meta = None
+        if meta_path.is_file() and (ctx.root / rel).is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                meta = None
+        if meta is not None and meta.get("round") == state.round:
+            log.info(f"round {state.round}: projector v{version} was already trained after this round; reused")
+        else:
+            trained = ctx.call("train_projector", top)
+            meta = {"round": state.round, "version": version, "loss_before": trained["loss_before"],
+                    "loss_after": trained["loss_after"], "steps": trained["steps"], "seconds": trained["seconds"],
+                    "policies": top, "adopted": trained["loss_after"] < trained["loss_before"]}
+            if meta["adopted"]:  # the weights first: the .json beside them says they are complete
+                write_bytes_atomic(ctx.root / rel, save_safetensors(
+                    trained["state_dict"], metadata={"format": "pt", "content": "llava-projector"}))
+            write_json_atomic(ctx.root / f"projector/projector-{version}.json", meta)
+            log.info(f"round {state.round}: projector v{version}: few-shot loss {trained['loss_before']:.4f} -> "
+                     f"{trained['loss_after']:.4f} under top-{len(top)} policies ({trained['seconds']:.1f}s)")
+        if not meta.get("adopted", True):
+            log.warning(f"round {state.round}: projector update not adopted (few-shot loss {meta['loss_before']:.4f} -> "
+                        f"{meta['loss_after']:.4f} did not go down); round {state.round + 1} keeps projector "
+                        f"v{version - 1}")
+            return {}
+        return {"projector": rel, "projector_version": version}
 
     def heldout(self, states: Sequence[RoundState], best: Mapping[str, Any],
                 ctx: DriverContext) -> dict[str, dict[str, Any]]:

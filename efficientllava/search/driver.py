@@ -38,6 +38,7 @@ The journal study has none of these gaps: every ask/tell is appended to the file
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -48,14 +49,16 @@ from typing import Any
 
 import pandas as pd
 from ray import tune
+from ray.tune.error import TuneError
 
 from efficientllava.atomic import write_json_atomic
 from efficientllava.config import ExperimentConfig
-from efficientllava.errors import EfficientLLaVAError
+from efficientllava.errors import DiskFullError, EfficientLLaVAError
 from efficientllava.experiment import STATUS_DONE, STATUS_RUNNING, ExperimentDir, open_experiment
 from efficientllava.heldout import heldout_lines
 from efficientllava.log import get_logger
 from efficientllava.search.api import METRIC, Objective, RoundState, SearchProblem, TrialStatus, build_problem
+from efficientllava.search.recovery import heal_experiment
 from efficientllava.search.samplers import get_sampler
 from efficientllava.search.study import (
     RoundProgress,
@@ -136,6 +139,15 @@ class TrialRecorder(tune.Callback):
 
     def __init__(self, exp: ExperimentDir, state: RoundState, progress: ProgressLog) -> None:
         self.exp, self.state, self.progress = exp, state, progress
+        self.error: EfficientLLaVAError | None = None  # e.g. disk full: Tune wraps it in a TuneError traceback
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        """Write a record; a user-facing error is kept for run_round to raise as itself, then stops Tune."""
+        try:
+            write_json_atomic(self.exp.trial_path(self.state.round, rec["number"]), rec)
+        except EfficientLLaVAError as exc:
+            self.error = exc
+            raise
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         """Record a finished evaluation (completed or errored)."""
@@ -147,7 +159,7 @@ class TrialRecorder(tune.Callback):
                            eval_s=outcome["eval_s"], retry_of=tags["retry_of"], worker=outcome["worker"],
                            traceback=outcome.get("traceback"), seed=tags["seed"])
         rec["forwarder_started_at"] = outcome.get("forwarder_started_at")  # Tune's trial actor start (overhead)
-        write_json_atomic(self.exp.trial_path(self.state.round, rec["number"]), rec)
+        self._write(rec)
         self.progress.add(rec)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -161,7 +173,7 @@ class TrialRecorder(tune.Callback):
         rec = trial_record(state=self.state, number=tags["number"], trial_id=trial.trial_id, params=params,
                            result=None, error=(lines[-1] if lines else text)[:500], started=now, finished=now,
                            wall_s=0.0, eval_s=0.0, retry_of=tags["retry_of"], worker=None, traceback=text, seed=tags["seed"])
-        write_json_atomic(self.exp.trial_path(self.state.round, rec["number"]), rec)
+        self._write(rec)
         self.progress.add(rec)
 
 
@@ -228,6 +240,7 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
             raise EfficientLLaVAError(f"round {r}: every evaluation worker died ({status['dead']}); "
                                       f"fix the cause and run `efficientllava resume {exp.root}`")
         progress_log = ProgressLog(r, n, progress.done, best)
+        recorder = TrialRecorder(exp, state, progress_log)
         log.debug("round %d: starting a Tuner for %d trials", r, progress.remaining)
         tuner = tune.Tuner(
             make_trainable(workers.pool, r, objectives, slots=cfg.search.max_concurrent + QUEUE_AHEAD),
@@ -243,11 +256,19 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=0, checkpoint_at_end=False),
                 verbose=0,
-                callbacks=[TrialRecorder(exp, state, progress_log)],
+                callbacks=[recorder],
                 log_to_file=False,
             ),
         )
-        tuner.fit()
+        try:
+            tuner.fit()
+        except TuneError as exc:
+            if recorder.error is not None:
+                raise recorder.error from None
+            if "No space left on device" in str(exc):  # one of Tune's own files
+                raise DiskFullError(f"{exp.tune_storage(r, cfg)}: no space left on device (Ray Tune's round files); "
+                                    f"free space and run `efficientllava resume {exp.root}`") from None
+            raise
         log.debug("round %d: Tuner.fit returned", r)
         best = progress_log.best
         progress = reconcile_round(exp, r, n, retry_errors=False, objectives=objectives)
@@ -314,11 +335,28 @@ class SearchDriver:
         res = self.cfg.resources
         return Workers(self.cfg, self.exp.name, self.cfg.search.max_concurrent, res.cpu, res.gpu)
 
-    def run(self, heldout: bool = True) -> Path:
-        """Run (or continue) every remaining round, then the held-out check; returns the experiment directory."""
+    def prepare(self) -> list[str]:
+        """Before workers start (and before Ray, under the caller's lock): drop a torn journal line and rebuild a
+        damaged or missing journal / state.json from the records; returns the repairs made (each logged)."""
+        exp = self.exp
+        problem = build_problem(self.cfg)
+        repairs = []
+        if repair_journal(exp):
+            repairs.append(f"dropped a partly written last line from {exp.journal_path}")
+            log.warning(repairs[-1])
+        return repairs + heal_experiment(exp, problem, search_objectives(problem, self.cfg.search.sampler),
+                                         EngineContext(exp.root, None))
+
+    def run(self, heldout: bool = True, *, locked: bool = False) -> Path:
+        """Run (or continue) every remaining round, then the held-out check; returns the experiment directory.
+
+        Takes the directory's driver lock unless the caller holds it (`locked`, as the runner does
+        before Ray starts). The directory is healed first (`efficientllava.search.recovery`).
+        """
         exp = self.exp
         exp.check_format()
-        with exp.driver_lock():
+        with contextlib.nullcontext() if locked else exp.driver_lock():
+            self.prepare()  # a no-op when the runner already prepared the directory
             problem = build_problem(self.cfg)
             objectives = search_objectives(problem, self.cfg.search.sampler)
             saved = exp.read_state()
@@ -328,8 +366,6 @@ class SearchDriver:
                     with self._workers() as workers:
                         self._heldout(problem, EngineContext(exp.root, workers))
                 return exp.root  # nothing left to search
-            if repair_journal(exp):
-                log.warning(f"dropped a partly written last line from {exp.journal_path}")
             started = time.time()
             run_file = exp.rounds_dir / f"run-{started:.3f}.json"
             with self._workers() as workers:
@@ -381,10 +417,10 @@ class SearchDriver:
             state = nxt
         exp.write_state(STATUS_DONE, state, history + [state])
 
-    def heldout(self) -> Path:
+    def heldout(self, *, locked: bool = False) -> Path:
         """Only the held-out check (workers started for it); returns the experiment directory."""
         self.exp.check_format()
-        with self.exp.driver_lock(), self._workers() as workers:
+        with contextlib.nullcontext() if locked else self.exp.driver_lock(), self._workers() as workers:
             self._heldout(build_problem(self.cfg), EngineContext(self.exp.root, workers))
         return self.exp.root
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -33,26 +34,47 @@ def init_ray() -> None:
         log.debug(f"started a local Ray instance at {ray.get_runtime_context().gcs_address}")
 
 
+def check_before_start(cfg: ExperimentConfig) -> None:
+    """Everything checkable without Ray or a model: the problem class, and its `check_config(cfg)` when it has one
+    (the pruning problem checks the space, the model spec and the data source there)."""
+    cls = load_problem_class(cfg.problem)
+    check = getattr(cls, "check_config", None)
+    if callable(check):
+        check(cfg)
+
+
 def run_search(cfg: ExperimentConfig, experiment_dir: str | Path | None = None, *, heldout: bool = True) -> Path:
-    """Run a new search for `cfg`; returns its experiment directory (`<storage>/<name>-<stamp>` by default)."""
-    load_problem_class(cfg.problem)  # fail before anything is created
-    init_ray()
-    check_resources(cfg)
+    """Run a new search for `cfg`; returns its experiment directory (`<storage>/<name>-<stamp>` by default).
+
+    The config is checked before the directory is created and before Ray starts; the directory's
+    driver lock is taken before Ray starts and held to the end.
+    """
+    check_before_start(cfg)
     exp = create_experiment(cfg, experiment_dir)
     log.info(f"experiment directory: {exp.root}")
-    return SearchDriver(exp.root).run(heldout=heldout)
+    with exp.driver_lock("efficientllava search"):
+        init_ray()
+        check_resources(cfg)
+        return SearchDriver(exp.root).run(heldout=heldout, locked=True)
 
 
-def resume_search(experiment_dir: str | Path, *, heldout: bool = True) -> Path:
-    """Continue a killed, crashed or finished search from its directory; returns the directory."""
+def resume_search(experiment_dir: str | Path, *, heldout: bool = True, locked: bool = False) -> Path:
+    """Continue a killed, crashed or finished search from its directory; returns the directory.
+
+    A second driver of the same directory fails here at once, before Ray starts (`locked`: the
+    caller holds the directory's driver lock already).
+    """
     exp = open_experiment(experiment_dir)
     exp.check_format()
     cfg = exp.load_config()
     load_problem_class(cfg.problem)
-    init_ray()
-    check_resources(cfg)
-    log.info(f"resuming {exp.root}")
-    return SearchDriver(exp.root).run(heldout=heldout)
+    with contextlib.nullcontext() if locked else exp.driver_lock("efficientllava resume"):
+        driver = SearchDriver(exp.root)
+        driver.prepare()  # records first: journal and state.json rebuilt from them if damaged, before Ray
+        log.info(f"resuming {exp.root}")
+        init_ray()
+        check_resources(cfg)
+        return driver.run(heldout=heldout, locked=True)
 
 
 def heldout_check(experiment_dir: str | Path) -> Path:
@@ -60,6 +82,7 @@ def heldout_check(experiment_dir: str | Path) -> Path:
     exp = open_experiment(experiment_dir)
     exp.check_format()
     cfg = exp.load_config()
-    init_ray()
-    check_resources(cfg)
-    return SearchDriver(exp.root).heldout()
+    with exp.driver_lock("efficientllava report --heldout"):
+        init_ray()
+        check_resources(cfg)
+        return SearchDriver(exp.root).heldout(locked=True)

@@ -13,7 +13,6 @@ Optuna's own trial numbers are never used, so a study rebuilt from the records c
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from efficientllava.experiment import ExperimentDir
 from efficientllava.search.api import METRIC, Objective, Space, TrialStatus
 from efficientllava.search.samplers import make_sampler
 from efficientllava.search.trainable import NUMBER_KEY, RETRY_KEY, SEED_KEY
+from efficientllava.trials import read_record
 
 # Optuna user_attrs written by the engine.
 ATTR_NUMBER = "number"
@@ -195,7 +195,7 @@ def read_round_records(exp: ExperimentDir, r: int) -> dict[int, dict[str, Any]]:
     for p in exp.trials_dir.glob(f"{r}-*.json"):
         if p.name.startswith("."):
             continue
-        rec = json.loads(p.read_text())
+        rec = read_record(p)
         if rec.get("round") == r:
             out[int(rec["number"])] = rec
     return out

@@ -54,6 +54,16 @@ class QuadraticProblem:
         self._space: dict[str, Any] | None = None  # worker side: the entered round's space
         self._round: int | None = None
 
+    @staticmethod
+    def check_config(config: Any) -> None:
+        """Before Ray starts: the space YAML parses and has `params`."""
+        try:
+            d = yaml.safe_load(open(config.space).read()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{config.space}: cannot read the toy space ({str(exc).splitlines()[0]})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("params"), dict) or not d["params"]:
+            raise ConfigError(f"{config.space}: the toy space needs `params: {{name: [low, high], ...}}`")
+
     # -- driver side ----------------------------------------------------------------------------
 
     def _read(self, state: RoundState, ctx: DriverContext) -> dict[str, Any]:

@@ -168,8 +168,7 @@ def open_or_build(model: nn.Module, batches: list[dict[str, torch.Tensor]], spec
         if root.exists():
             try:
                 return open_bank(root, fingerprint)
-            except DamagedBankError as exc:
-                if log:
-                    logger.warning(f"bank: rebuilding: {exc}")
+            except DamagedBankError as exc:  # a cache: rebuilt, with one line whatever `log` says
+                logger.warning(f"bank: rebuilding: {exc}")
                 shutil.rmtree(root, ignore_errors=True)
         return build_bank(model, batches, spec, root, calibration, log, source=source, eager=eager)
