@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS, TRIALS, LAYERS = 2, 4, 2
 EVAL = ["--data", "synthetic", "--n-shots", "8", "--heldout-size", "16", "--batch-size", "8", "--device", "cpu",
-        "--dtype", "fp32"]
+        "--dtype", "float32"]
 TIMINGS: dict[str, float] = {}
 
 
