@@ -2,7 +2,7 @@
 layout, then `efficientllava evaluate` (dense and under a uniform matrix-granularity policy), a 2-round x
 4-trial search with a projector round, and `export`, reloaded with the family's own `from_pretrained` class.
 
-All families share one Ray cluster (private temp dir, killed at the end). The checkpoints have random
+All families share the session's Ray cluster (conftest.py). The checkpoints have random
 weights, so accuracies are chance level: what is checked is that every step runs and that the numbers it
 writes agree with each other and with the weights on disk.
 """
@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
-from rayprocs import kill_ray
 from safetensors.torch import load_file
 
 from efficientllava.cli import main
@@ -30,7 +26,6 @@ from efficientllava.families import family_for, family_names
 from efficientllava.projector import projector_state
 from efficientllava.pruning.units import prunable_units, unit_names
 from efficientllava.search.runner import run_search
-from efficientllava.search.workers import NAMESPACE
 from efficientllava.testing.tiny_families import save_tiny_family
 from efficientllava.trials import load_trials
 
@@ -44,14 +39,9 @@ TIMINGS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray cluster for every family's search, in its own temp dir (short: Ray's socket paths)."""
-    marker = tempfile.mkdtemp(prefix="elf", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, _temp_dir=marker)
+def ray_cluster(ray_session):
+    """Every family's search runs on the session's Ray cluster."""
     yield
-    ray.shutdown()
-    kill_ray(marker)
-    shutil.rmtree(marker, ignore_errors=True)
     print("\nper-family end-to-end seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in TIMINGS.items()))
 
 
