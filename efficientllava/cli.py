@@ -324,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `efficientllava` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        # A local Ray cluster (Ray >= 2.52) gets token authentication, generating ~/.ray/auth_token if
+        # missing; left unset, Ray >= 2.60 turns it on by default and warns that it did. Asking for it
+        # explicitly keeps it on, quietly. Only before `import ray`: Ray reads it into its config then,
+        # and a process whose config disagrees with its cluster's cannot connect. RAY_AUTH_MODE=disabled
+        # in the environment opts out, as Ray documents.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)

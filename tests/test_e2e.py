@@ -140,6 +140,13 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
         assert "Traceback" not in log and "Exception ignored" not in log and "== Status ==" not in log, log[-3000:]
         ours = [line for line in log.splitlines() if line.startswith("[efficientllava]")]
         assert sum("round 0: 6 trials" in line for line in ours) == 1 and any("report:" in line for line in ours)
+        # Only our lines and the directory the CLI prints last: no Ray warnings (token auth), no
+        # `(EvalWorker pid=...)` copies of worker output, no ANSI colour codes. The workers' own records
+        # (the variant bank line) still come through, relayed by the driver as plain lines.
+        others = [line for line in log.splitlines() if line and not line.startswith("[efficientllava]")]
+        assert others == [str(root)], others
+        assert "\x1b[" not in log and "pid=" not in log
+        assert any("variant bank" in line and "ready" in line for line in ours), log[-3000:]
         print(f"search output: {len(log.splitlines())} lines, {len(ours)} of them [efficientllava] lines")
         # Workers live across rounds: each loaded the model once for the whole search (the held-out check
         # included: run-*.json is written after it), and every worker took trials.

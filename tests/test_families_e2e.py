@@ -2,7 +2,7 @@
 layout, then `efficientllava evaluate` (dense and under a uniform matrix-granularity policy), a 2-round x
 4-trial search with a projector round, and `export`, reloaded with the family's own `from_pretrained` class.
 
-All families share one Ray cluster (private temp dir, killed at the end). The checkpoints have random
+All families share the session's Ray cluster (conftest.py). The checkpoints have random
 weights, so accuracies are chance level: what is checked is that every step runs and that the numbers it
 writes agree with each other and with the weights on disk.
 """
@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
-from rayprocs import kill_ray
 from safetensors.torch import load_file
 
 from efficientllava.cli import main
@@ -30,7 +26,6 @@ from efficientllava.families import family_for, family_names
 from efficientllava.projector import projector_state
 from efficientllava.pruning.units import prunable_units, unit_names
 from efficientllava.search.runner import run_search
-from efficientllava.search.workers import NAMESPACE
 from efficientllava.testing.tiny_families import save_tiny_family
 from efficientllava.trials import load_trials
 
@@ -39,24 +34,19 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS, TRIALS, LAYERS = 2, 4, 2
 EVAL = ["--data", "synthetic", "--n-shots", "8", "--heldout-size", "16", "--batch-size", "8", "--device", "cpu",
-        "--dtype", "fp32"]
+        "--dtype", "float32"]
 TIMINGS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray cluster for every family's search, in its own temp dir (short: Ray's socket paths)."""
-    marker = tempfile.mkdtemp(prefix="elf", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, _temp_dir=marker)
+def ray_cluster(ray_session):
+    """Every family's search runs on the session's Ray cluster."""
     yield
-    ray.shutdown()
-    kill_ray(marker)
-    shutil.rmtree(marker, ignore_errors=True)
     print("\nper-family end-to-end seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in TIMINGS.items()))
 
 
 def write_config(tmp_path: Path, checkpoint: Path) -> Path:
-    """experiments/tiny.yaml on `checkpoint`: 2 rounds x 4 trials at matrix granularity, 2 projector steps."""
+    """experiments/tiny.yaml on `checkpoint`: 2 rounds x 4 trials at matrix granularity, 2 projector steps, 1 worker."""
     cfg = yaml.safe_load((REPO / "experiments" / "tiny.yaml").read_text())
     space = {"name": "family-e2e", "granularity": "matrix", "levels": [0.0, 0.25, 0.5, 0.75],
              "budget": {"target": 0.5, "tolerance": 0.05}, "method": "sparsegpt"}
@@ -64,7 +54,10 @@ def write_config(tmp_path: Path, checkpoint: Path) -> Path:
     cfg.update(name="family-e2e", model={"spec": str(checkpoint), "dtype": "float32", "device": "cpu"},
                space=str(tmp_path / "space.yaml"), storage=str(tmp_path / "runs"), eval={"batch_size": 8})
     cfg["data"].update(n_shots=8, heldout_size=16)
-    cfg["search"].update(rounds=ROUNDS, trials_per_round=TRIALS, max_concurrent=2, n_startup_trials=2)
+    # One worker: the family's path through a worker (load, bank, trials, projector round, held-out check) is
+    # what is tested here; several workers sharing trials are tested on the tiny model (test_e2e.py), and a
+    # second worker would only add a model load per family.
+    cfg["search"].update(rounds=ROUNDS, trials_per_round=TRIALS, max_concurrent=1, n_startup_trials=2)
     cfg["projector"].update(steps=2, top_k=2)
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

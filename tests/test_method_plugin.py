@@ -151,7 +151,7 @@ def test_a_search_through_ray_uses_a_method_defined_only_in_this_file(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"name": "plug", "granularity": "sublayer", "levels": [0.0, 0.5, 0.7, 0.9],
-                                     "budget": {"target": 0.6, "tolerance": 0.01},
+                                     "budget": {"target": 0.6, "tolerance": 0.05},  # >= half a level step
                                      "method": "tests.test_method_plugin:LargestFirst"}))
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump({
@@ -160,14 +160,17 @@ def test_a_search_through_ray_uses_a_method_defined_only_in_this_file(tmp_path):
         "search": {"rounds": 1, "trials_per_round": 3, "max_concurrent": 1, "n_startup_trials": 1},
         "projector": {"enabled": False}, "resources": {"cpu": 1, "gpu": 0}, "storage": str(tmp_path / "runs")}))
     root = tmp_path / "exp"
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rp", dir="/tmp"),
+    home = tmp_path / "home"  # the workers' bank cache (banks are node-local, not in the experiment directory)
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rp", dir="/tmp"), "EFFICIENTLLAVA_HOME": str(home),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "efficientllava.cli", "search", str(config), "--dir", str(root),
                            "--no-heldout"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = [json.loads(p.read_text()) for p in (root / "trials").glob("*.json")]
     assert len(trials) == 3 and all(t.get("status") == "COMPLETE" for t in trials), trials
-    (bank,) = [p for p in (root / "banks").iterdir() if p.is_dir()]
+    assert not (root / "banks").exists()
+    (bank,) = [p for p in (home / "banks").iterdir() if p.is_dir()]
+    assert {t["result"]["bank"] for t in trials} == {bank.name}
     manifest = json.loads((bank / "manifest.json").read_text())
     assert manifest["spec"]["method"] == "tests.test_method_plugin:LargestFirst"
     assert manifest["format"] == "nested-mask"

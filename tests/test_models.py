@@ -21,13 +21,15 @@ from efficientllava.prompting import COMPACT, LLAVA_15, encode_batches, model_in
 
 # A text backbone unlike the conftest's SMALL one (3 layers, hidden 96, 3 heads).
 OTHER = TinyConfig(text_layers=3, text_hidden=96, text_heads=3, text_intermediate=192, vision_layers=1)
-# Small enough to train in well under a second (2 optimiser steps).
+# Small enough to train in about a second (3 optimiser steps: 2 multiple-choice batches, 1 open-ended one).
+# open_samples is set too: left at its default (6000) the open-ended data alone takes half a minute to build.
 QUICK = TinyConfig(
     text_layers=1,
     text_hidden=32,
     text_intermediate=64,
     vision_layers=1,
     train_samples=128,
+    open_samples=64,
     epochs=1,
     eval_samples=64,
 )

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import ray
 import yaml
 
 from efficientllava.config import config_from_dict
@@ -19,7 +18,6 @@ from efficientllava.search.api import Param, Space, SpaceBudget
 from efficientllava.search.runner import run_search
 from efficientllava.search.samplers import get_sampler, make_sampler, register_sampler, sampler_names
 from efficientllava.search.study import open_study
-from efficientllava.search.workers import NAMESPACE
 from efficientllava.trials import load_trials
 
 TOY = "efficientllava.testing.toy:QuadraticProblem"
@@ -72,11 +70,9 @@ def test_unknown_sampler_and_missing_package_are_one_line_errors(monkeypatch):
                               "pip install 'efficientllava[samplers]'")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def ray_cluster(ray_session):
+    """The session's Ray cluster."""
 
 
 @pytest.mark.slow

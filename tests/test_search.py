@@ -32,10 +32,8 @@ TOY = "efficientllava.testing.toy:QuadraticProblem"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE)
-    yield
-    ray.shutdown()
+def ray_cluster(ray_session):
+    """Every test here runs on the session's Ray cluster."""
 
 
 def toy_config(tmp_path: Path, *, space: dict, **search) -> object:

@@ -24,13 +24,18 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
-    # Ray's own INFO lines (dashboard URLs, "Started a local Ray instance") only with --verbose.
-    quiet_ray = logging.INFO if current_level() <= logging.DEBUG else logging.WARNING
+    verbose = current_level() <= logging.DEBUG
+    # Ray's own INFO lines (dashboard URLs, "Started a local Ray instance") and its copy of every actor's
+    # stdout/stderr, `(EvalWorker pid=...)`-prefixed, only with --verbose: otherwise the workers' log
+    # records reach this console through the driver (`Workers.relay_logs`), as plain lines.
+    level = logging.INFO if verbose else logging.WARNING
     if address:
-        ray.init(address=address, namespace=NAMESPACE, ignore_reinit_error=True, logging_level=quiet_ray)
+        ray.init(address=address, namespace=NAMESPACE, ignore_reinit_error=True, log_to_driver=verbose,
+                 logging_level=level)
         log.info(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}")
     else:  # a local cluster on every CPU of this machine; no dashboard (it costs seconds and memory)
-        ray.init(namespace=NAMESPACE, ignore_reinit_error=True, include_dashboard=False, logging_level=quiet_ray)
+        ray.init(namespace=NAMESPACE, ignore_reinit_error=True, log_to_driver=verbose, logging_level=level,
+                 include_dashboard=False)
         log.debug(f"started a local Ray instance at {ray.get_runtime_context().gcs_address}")
 
 

@@ -11,12 +11,15 @@ Tune's trials are thin forwarders (`efficientllava.search.trainable`): each send
 worker in `finally`, so every worker takes trials whatever Tune's actor placement. The driver runs
 between-round work on a worker through the same pool (`WorkerPool.call`).
 
-Workers never touch the experiment directory: results go back to the driver as return values.
+Workers never touch the experiment directory: results go back to the driver as return values, and so
+do their log records (below --verbose): the driver relays them after each round entry and between-round
+call, and before it stops the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import numbers
 import os
@@ -29,7 +32,7 @@ from typing import Any
 import ray
 
 from efficientllava.errors import EfficientLLaVAError
-from efficientllava.log import configure, current_level, get_logger
+from efficientllava.log import configure, current_level, drain, get_logger, replay
 from efficientllava.search.api import Objective, RoundState, TrialStatus, build_problem
 
 log = get_logger(__name__)
@@ -81,7 +84,8 @@ class EvalWorker:
     """One worker: the problem with its heavy state, entered into the current round."""
 
     def __init__(self, config: Any, name: str, log_level: int) -> None:
-        configure(log_level)
+        # Below --verbose the driver relays our records (`logs`): Ray's copy of our stderr stays off.
+        configure(log_level, relay=log_level > logging.DEBUG)
         self.name = name
         self.problem = build_problem(config)
         self.objectives = tuple(self.problem.objectives)
@@ -119,6 +123,10 @@ class EvalWorker:
         return {"status": TrialStatus.COMPLETE.value, "error": None, "traceback": None, "result": result,
                 "eval_s": time.perf_counter() - t0, "started_at": started, "finished_at": time.time(),
                 "worker": self.name}
+
+    def logs(self) -> list[tuple[int, str]]:
+        """This worker's log records since the last call: (level, message)."""
+        return drain()
 
     def call(self, method: str, args: tuple[Any, ...]) -> Any:
         """`problem.<method>(*args)` on this worker's problem (between-round work)."""
@@ -215,6 +223,11 @@ class WorkerPool:
         """`EvalWorker.info` of every live worker."""
         return list(await asyncio.gather(*(w.info.remote() for w in self._alive.values())))
 
+    async def logs(self) -> list[tuple[int, str]]:
+        """Every live worker's log records since the last call (a dead worker's are lost with it)."""
+        got = await asyncio.gather(*(w.logs.remote() for w in self._alive.values()), return_exceptions=True)
+        return [rec for recs in got if not isinstance(recs, BaseException) for rec in recs]
+
 
 class Workers:
     """The driver's handle on the pool and its workers for one search (a context manager)."""
@@ -251,6 +264,7 @@ class Workers:
         so nothing of the search outlives it."""
         here = ray.get_runtime_context().get_node_id()
         local: list[int] = []
+        self.relay_logs(timeout_s=10.0 if exc[0] is None else 1.0)  # interrupted: do not wait on busy workers
         try:
             places = [tuple(ray.get(self.pool.where.remote(), timeout=10))]
             places += [(i["node_id"], i["pid"]) for i in ray.get(self.pool.infos.remote(), timeout=10)]
@@ -298,12 +312,28 @@ class Workers:
         """Send the round's inputs (once, through the object store) and let every worker enter it."""
         self.wait_ready()
         self._inputs = ray.put(inputs)
-        return dict(_get(self.pool.enter_round.remote(state, [self._inputs])))
+        try:
+            return dict(_get(self.pool.enter_round.remote(state, [self._inputs])))
+        finally:
+            self.relay_logs()
 
     def call(self, method: str, *args: Any) -> Any:
         """`problem.<method>(*args)` on one worker (of the current round, if one was entered)."""
         self.wait_ready()
-        return _get(self.pool.call.remote(method, args))
+        try:
+            return _get(self.pool.call.remote(method, args))
+        finally:
+            self.relay_logs()
+
+    def relay_logs(self, timeout_s: float = 10.0) -> None:
+        """Log the workers' records here (best effort: a pool that is gone or busy past `timeout_s` has none)."""
+        if self.pool is None:
+            return
+        try:
+            records = ray.get(self.pool.logs.remote(), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - log relay must never fail a search
+            return
+        replay(records)
 
     def status(self) -> dict[str, Any]:
         """The pool's live / free / dead workers."""
