@@ -17,7 +17,6 @@ Each repair is one warning line. Runs under the driver lock only (it rewrites fi
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ from efficientllava.atomic import write_json_atomic
 from efficientllava.errors import DamagedFileError
 from efficientllava.experiment import STATUS_CREATED, STATUS_DONE, STATUS_RUNNING, ExperimentDir
 from efficientllava.log import get_logger
-from efficientllava.search.api import METRIC, DriverContext, Objective, RoundState, SearchProblem, TrialStatus
+from efficientllava.search.api import DriverContext, Objective, RoundState, SearchProblem, TrialStatus
 from efficientllava.search.study import (
     ATTR_ERROR,
     ATTR_NUMBER,
@@ -41,6 +40,7 @@ from efficientllava.search.study import (
     ATTR_TUNE_ID,
     distributions,
     open_study,
+    record_values,
     study_name,
     trial_number,
 )
@@ -82,17 +82,6 @@ def journal_damage(exp: ExperimentDir, records: Sequence[Mapping[str, Any]]) -> 
     except Exception as exc:  # noqa: BLE001 (any failure to read it means: rebuild it)
         return f"is unreadable ({type(exc).__name__}: {str(exc)[:80]})"
     return None
-
-
-def _values(rec: Mapping[str, Any], objectives: Sequence[Objective]) -> list[float] | None:
-    """A completed record's objective values in study order (None when one is missing or not finite)."""
-    out = []
-    for o in objectives:
-        v = rec.get("objective") if o.name == METRIC else (rec.get("result") or {}).get(o.name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            return None
-        out.append(float(v))
-    return out
 
 
 def _round_distributions(problem: SearchProblem, r: int, recs: Sequence[Mapping[str, Any]],
@@ -138,7 +127,7 @@ def rebuild_journal(exp: ExperimentDir, problem: SearchProblem, objectives: Sequ
                 attrs[ATTR_RETRY_REASON] = "error" if errored else "interrupted"
             params = {k: int(v) for k, v in rec["params"].items()}
             trial_dists: dict[str, BaseDistribution] = {k: dists[k] for k in params}
-            values = _values(rec, objectives) if rec.get("status") == TrialStatus.COMPLETE.value else None
+            values = record_values(rec, objectives) if rec.get("status") == TrialStatus.COMPLETE.value else None
             if values is not None:
                 trial = create_trial(state=TrialState.COMPLETE, values=values, params=params,
                                      distributions=trial_dists, user_attrs=attrs)

@@ -201,7 +201,7 @@ def read_round_records(exp: ExperimentDir, r: int) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _values(rec: Mapping[str, Any], objectives: Sequence[Objective]) -> list[float] | None:
+def record_values(rec: Mapping[str, Any], objectives: Sequence[Objective]) -> list[float] | None:
     """A completed record's objective values, in study order (None if one is not finite)."""
     values = []
     for o in objectives:
@@ -250,7 +250,7 @@ def reconcile_round(exp: ExperimentDir, r: int, trials_per_round: int, *, retry_
             continue
         rec = records.get(number)
         if t.state == TrialState.RUNNING and rec is not None:
-            values = _values(rec, objectives) if rec.get("status") == TrialStatus.COMPLETE.value else None
+            values = record_values(rec, objectives) if rec.get("status") == TrialStatus.COMPLETE.value else None
             if values is not None:
                 study.tell(t.number, values if len(values) > 1 else values[0])
             else:

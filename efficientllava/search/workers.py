@@ -19,6 +19,7 @@ call, and before it stops the workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import numbers
@@ -26,7 +27,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import ray
@@ -190,14 +191,12 @@ class WorkerPool:
             raise EfficientLLaVAError(f"no live evaluation worker (died: {self._dead})")
         return await self._free.get()
 
-    async def evaluate(self, params: dict[str, int], round_: int) -> dict[str, Any]:
-        """Run one trial of the current round on the next free worker."""
-        if self._state is None or self._state.round != round_ or self._inputs is None:
-            raise RuntimeError(f"trial of round {round_} but the pool is in round "
-                               f"{None if self._state is None else self._state.round}")
+    @contextlib.asynccontextmanager
+    async def _worker(self) -> AsyncIterator[Any]:
+        """A free worker for the duration of the block: dropped if it died, else handed back."""
         name, worker = await self._acquire()
         try:
-            return await worker.evaluate.remote(params, self._state, self._inputs)
+            yield worker
         except ray.exceptions.RayActorError as exc:
             self._drop(name, exc)
             raise
@@ -205,19 +204,20 @@ class WorkerPool:
             if name in self._alive:
                 self._free.put_nowait((name, worker))
 
+    async def evaluate(self, params: dict[str, int], round_: int) -> dict[str, Any]:
+        """Run one trial of the current round on the next free worker."""
+        if self._state is None or self._state.round != round_ or self._inputs is None:
+            raise RuntimeError(f"trial of round {round_} but the pool is in round "
+                               f"{None if self._state is None else self._state.round}")
+        async with self._worker() as worker:
+            return await worker.evaluate.remote(params, self._state, self._inputs)
+
     async def call(self, method: str, args: tuple[Any, ...]) -> Any:
         """Run `problem.<method>(*args)` on the next free worker (after it entered the current round)."""
-        name, worker = await self._acquire()
-        try:
+        async with self._worker() as worker:
             if self._state is not None and self._inputs is not None:
                 await worker.enter_round.remote(self._state, self._inputs)
             return await worker.call.remote(method, args)
-        except ray.exceptions.RayActorError as exc:
-            self._drop(name, exc)
-            raise
-        finally:
-            if name in self._alive:
-                self._free.put_nowait((name, worker))
 
     async def infos(self) -> list[dict[str, Any]]:
         """`EvalWorker.info` of every live worker."""
