@@ -51,15 +51,15 @@ def check_before_start(cfg: ExperimentConfig) -> None:
 def run_search(cfg: ExperimentConfig, experiment_dir: str | Path | None = None, *, heldout: bool = True) -> Path:
     """Run a new search for `cfg`; returns its experiment directory (`<storage>/<name>-<stamp>` by default).
 
-    The config is checked before the directory is created and before Ray starts; the directory's
-    driver lock is taken before Ray starts and held to the end.
+    The config is checked before Ray starts, and the cluster's resources before the directory is created,
+    so a search that cannot run leaves no directory behind; the new directory's driver lock is held to the end.
     """
     check_before_start(cfg)
+    init_ray()
+    check_resources(cfg)
     exp = create_experiment(cfg, experiment_dir)
     log.info(f"experiment directory: {exp.root}")
     with exp.driver_lock("efficientllava search"):
-        init_ray()
-        check_resources(cfg)
         return SearchDriver(exp.root).run(heldout=heldout, locked=True)
 
 
