@@ -8,8 +8,8 @@ Layout of `<storage>/<name>-YYYYmmdd-HHMMSS/` (engine files; the problem adds it
     space.yaml               the configured search space, copied in at creation
     study.journal            Optuna JournalStorage: one study `round-<r>` per round; the source of truth
     state.json               format, status, current round, its RoundState, finished rounds' states (atomic)
-    rounds/round-<r>/        Ray Tune's storage for round r (one `tune-<stamp>-<k>` run per start/resume),
-                             timing-<start>.json per (re)start of the round, workers-<start>.json
+    rounds/tune/             Ray Tune's storage (one `tune-<stamp>` run per driver run, all its rounds)
+    rounds/round-<r>/        timing-<start>.json per (re)start of round r, workers-<start>.json
     rounds/run-<start>.json  one per driver run: start, end, rounds run (whole-run timing)
     rounds/round-<r>/state.json  round r's RoundState (state.json is rebuilt from these and the records)
     trials/<r>-<number>.json one record per finished trial (written atomically by the driver): THE record;
@@ -20,7 +20,7 @@ Layout of `<storage>/<name>-YYYYmmdd-HHMMSS/` (engine files; the problem adds it
 
 Only the driver reads and writes this directory: workers get what they need through Ray, and trial
 results come back to the driver, so the directory lives only on the driver's node (no shared
-filesystem). With `storage:` set to a URI (s3://, gs://) only Ray Tune's round folders go there;
+filesystem). With `storage:` set to a URI (s3://, gs://) only Ray Tune's folder goes there;
 the experiment directory is then created under `./runs` (or where `experiment_dir` points).
 """
 
@@ -84,14 +84,14 @@ class ExperimentDir:
     lock_path = property(lambda self: self.root / LOCK_FILE, doc="Held by the running driver.")
 
     def round_dir(self, r: int) -> Path:
-        """Local Ray Tune storage of round `r`."""
+        """Round `r`'s timing and state files."""
         return self.rounds_dir / f"round-{r}"
 
-    def tune_storage(self, r: int, cfg: ExperimentConfig) -> str:
-        """Tune's `storage_path` for round `r`: under the experiment, or under the `storage:` URI."""
+    def tune_storage(self, cfg: ExperimentConfig) -> str:
+        """Tune's `storage_path` (one Tune run per driver run): under the experiment, or under the `storage:` URI."""
         if is_uri(cfg.storage):
-            return f"{cfg.storage.rstrip('/')}/{self.name}/rounds/round-{r}"
-        return str(self.round_dir(r))
+            return f"{cfg.storage.rstrip('/')}/{self.name}/rounds/tune"
+        return str(self.rounds_dir / "tune")
 
     def trial_path(self, r: int, number: int) -> Path:
         """The record of trial `number` of round `r` (the engine's number, not Optuna's)."""

@@ -84,8 +84,9 @@ def test_search_writes_every_file(finished):
     state = json.loads((root / "state.json").read_text())
     assert state["status"] == "done" and state["round"] == 1 and len(state["history"]) == 2
     assert (root / "spaces" / "round-0.yaml").is_file() and (root / "spaces" / "round-1.yaml").is_file()
+    assert len(list((root / "rounds" / "tune").glob("tune-*"))) == 1, "one Tune run for every round"
     for r in (0, 1):
-        assert any((root / "rounds" / f"round-{r}").glob("tune-*")), "Tune's storage for the round"
+        assert (root / "rounds" / f"round-{r}" / "state.json").is_file()
         assert len(list((root / "trials").glob(f"{r}-*.json"))) == 6
     reloaded = open_experiment(root).load_config()  # the space is copied in and named relative to the directory
     assert reloaded == dataclasses.replace(cfg, space=str(root / "space.yaml"))
@@ -278,6 +279,12 @@ def test_workers_live_across_rounds_and_all_take_trials(tmp_path):
         assert len({i["pid"] for i in infos}) == 2 and all(i["problem"]["setups"] == 1 for i in infos)
     (run,) = [json.loads(p.read_text()) for p in (root / "rounds").glob("run-*.json")]
     assert sum(i["trials"] for i in run["workers"]) == 18
+    # One Tune run for every round: its forwarders (hold trials keep them busy at round boundaries) started
+    # before round 1 and carried every later trial; a Tuner per round would start new ones each round.
+    recs = [json.loads(p.read_text()) for p in (root / "trials").glob("*.json")]
+    (timing1,) = [json.loads(p.read_text()) for p in (root / "rounds" / "round-1").glob("timing-*.json")]
+    later = {rec["forwarder_started_at"] for rec in recs if rec["round"] >= 1}
+    assert later and max(later) < timing1["started_at"], "a round started new Tune forwarders"
 
 
 def test_seed_points_run_first_and_once(tmp_path):

@@ -39,27 +39,24 @@ The journal study has none of these gaps: every ask/tell is appended to the file
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from ray import tune
-from ray.tune.error import TuneError
 
 from efficientllava.atomic import write_json_atomic
 from efficientllava.config import ExperimentConfig
-from efficientllava.errors import DiskFullError, EfficientLLaVAError
+from efficientllava.errors import EfficientLLaVAError
 from efficientllava.experiment import STATUS_DONE, STATUS_RUNNING, ExperimentDir, open_experiment
 from efficientllava.heldout import heldout_lines
 from efficientllava.log import get_logger
 from efficientllava.search.api import METRIC, Objective, RoundState, SearchProblem, TrialStatus, build_problem
 from efficientllava.search.recovery import heal_experiment
 from efficientllava.search.samplers import get_sampler
+from efficientllava.search.session import Batch, TuneSession
 from efficientllava.search.study import (
     RoundProgress,
     enqueue_seeds,
@@ -68,7 +65,7 @@ from efficientllava.search.study import (
     reconcile_round,
     repair_journal,
 )
-from efficientllava.search.trainable import make_trainable
+from efficientllava.search.trainable import split_config
 from efficientllava.search.workers import Workers
 from efficientllava.trials import (
     best_record,
@@ -86,22 +83,6 @@ PROGRESS_EVERY_S = 10.0  # at most one progress line per this many seconds
 # next evaluation as soon as it is free instead of after Tune's round trip (record, tell, ask, forward).
 # The sampler sees one more pending trial (TPE's constant liar covers it).
 QUEUE_AHEAD = 1
-
-# Keep Tune's per-trial bookkeeping light and quiet: no CSV/JSON/TensorBoard result loggers per trial
-# (the records are the record), no status tables (the progress line replaces them), and a SIGINT
-# that reaches our code as KeyboardInterrupt instead of Tune's graceful stop (which would let the
-# round loop go on).
-TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0",
-            "TUNE_DISABLE_SIGINT_HANDLER": "1", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "60",
-            # Tune's experiment checkpoints (searcher pickled with the whole study) are never read back
-            # (resume trusts the journal and the records): rarely, not on Tune's "auto" cadence.
-            "TUNE_GLOBAL_CHECKPOINT_S": "300"}
-
-
-def _trial_dirname(trial: Any) -> str:
-    """Short trial folder names (Tune's default embeds every param)."""
-    return str(trial.trial_id)
-
 
 class EngineContext:
     """The `DriverContext` the engine gives problems: the experiment directory and worker calls."""
@@ -134,22 +115,17 @@ def search_objectives(problem: SearchProblem, sampler: str) -> tuple[Objective, 
     return objectives[:1]
 
 
-class TrialRecorder(tune.Callback):
-    """Writes each trial's record in the driver, before the searcher hears of the outcome."""
+class TrialRecorder:
+    """Writes each trial's record of one batch in the driver, before the searcher hears of the outcome."""
 
     def __init__(self, exp: ExperimentDir, state: RoundState, progress: ProgressLog) -> None:
         self.exp, self.state, self.progress = exp, state, progress
-        self.error: EfficientLLaVAError | None = None  # e.g. disk full: Tune wraps it in a TuneError traceback
 
     def _write(self, rec: dict[str, Any]) -> None:
-        """Write a record; a user-facing error is kept for run_round to raise as itself, then stops Tune."""
-        try:
-            write_json_atomic(self.exp.trial_path(self.state.round, rec["number"]), rec)
-        except EfficientLLaVAError as exc:
-            self.error = exc
-            raise
+        write_json_atomic(self.exp.trial_path(self.state.round, rec["number"]), rec)
+        self.progress.add(rec)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_result(self, trial: Any, result: dict[str, Any]) -> None:
         """Record a finished evaluation (completed or errored)."""
         outcome, tags = result["outcome"], result["tags"]
         rec = trial_record(state=self.state, number=tags["number"], trial_id=trial.trial_id,
@@ -160,12 +136,9 @@ class TrialRecorder(tune.Callback):
                            traceback=outcome.get("traceback"), seed=tags["seed"])
         rec["forwarder_started_at"] = outcome.get("forwarder_started_at")  # Tune's trial actor start (overhead)
         self._write(rec)
-        self.progress.add(rec)
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_error(self, trial: Any) -> None:
         """Record a trial whose forwarder or worker died (no outcome came back)."""
-        from efficientllava.search.trainable import split_config
-
         params, tags = split_config(trial.config)
         text = str(trial.get_error() or "the trial's actor died")
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
@@ -174,10 +147,9 @@ class TrialRecorder(tune.Callback):
                            result=None, error=(lines[-1] if lines else text)[:500], started=now, finished=now,
                            wall_s=0.0, eval_s=0.0, retry_of=tags["retry_of"], worker=None, traceback=text, seed=tags["seed"])
         self._write(rec)
-        self.progress.add(rec)
 
 
-class ProgressLog(tune.Callback):
+class ProgressLog:
     """One progress line at most every PROGRESS_EVERY_S: trials done / total, best so far, elapsed, ETA."""
 
     def __init__(self, r: int, total: int, done: int, best: float, every_s: float = PROGRESS_EVERY_S) -> None:
@@ -207,15 +179,24 @@ class ProgressLog(tune.Callback):
                 f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s")
 
 
+def open_session(exp: ExperimentDir, cfg: ExperimentConfig, workers: Workers,
+                 objectives: tuple[Objective, ...]) -> TuneSession:
+    """The search's Ray Tune session: `max_concurrent + QUEUE_AHEAD` forwarders to the workers' pool."""
+    return TuneSession(exp, exp.tune_storage(cfg), workers.pool, objectives,
+                       slots=cfg.search.max_concurrent + QUEUE_AHEAD)
+
+
 def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, problem: SearchProblem,
-              ctx: EngineContext, workers: Workers, *, resume: bool) -> RoundProgress:
-    """Run round `state.round` until it has `trials_per_round` finished trials; returns its progress."""
-    for k, v in TUNE_ENV.items():
-        os.environ.setdefault(k, v)
-    # Tune's ResultGrid looks for the per-trial result files we turned off; its warning is noise here.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    r, n = state.round, cfg.search.trials_per_round
+              ctx: EngineContext, workers: Workers, *, resume: bool, session: TuneSession | None = None) -> RoundProgress:
+    """Run round `state.round` until it has `trials_per_round` finished trials; returns its progress.
+
+    The trials run in `session` (the driver's, shared by every round); without one, in a session of their own.
+    """
     objectives = search_objectives(problem, cfg.search.sampler)
+    if session is None:
+        return open_session(exp, cfg, workers, objectives).run(
+            lambda s: run_round(exp, cfg, state, problem, ctx, workers, resume=resume, session=s))
+    r, n = state.round, cfg.search.trials_per_round
     space = problem.space(state, ctx)
     seeds = problem.seed_points(state, ctx)
     for name, point in seeds.items():
@@ -232,7 +213,7 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
                  f"errored trials re-enqueued; {progress.remaining} to run")
     best = max((rec["objective"] for rec in read_records(exp.root) if rec["round"] == r
                 and rec["status"] == TrialStatus.COMPLETE.value and rec["objective"] is not None), default=-math.inf)
-    for attempt in range(MAX_ATTEMPTS):
+    for _ in range(MAX_ATTEMPTS):
         if progress.remaining == 0:
             break
         status = workers.status()
@@ -241,40 +222,14 @@ def run_round(exp: ExperimentDir, cfg: ExperimentConfig, state: RoundState, prob
                                       f"fix the cause and run `efficientllava resume {exp.root}`")
         progress_log = ProgressLog(r, n, progress.done, best)
         recorder = TrialRecorder(exp, state, progress_log)
-        log.debug("round %d: starting a Tuner for %d trials", r, progress.remaining)
-        tuner = tune.Tuner(
-            make_trainable(workers.pool, r, objectives, slots=cfg.search.max_concurrent + QUEUE_AHEAD),
-            tune_config=tune.TuneConfig(
-                search_alg=make_searcher(exp, r, space, objectives, cfg.search, queue_ahead=QUEUE_AHEAD),
-                num_samples=progress.remaining,
-                reuse_actors=True,
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{attempt}",
-                storage_path=exp.tune_storage(r, cfg),
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=0, checkpoint_at_end=False),
-                verbose=0,
-                callbacks=[recorder],
-                log_to_file=False,
-            ),
-        )
-        try:
-            tuner.fit()
-        except TuneError as exc:
-            if recorder.error is not None:
-                raise recorder.error from None
-            if "No space left on device" in str(exc):  # one of Tune's own files
-                raise DiskFullError(f"{exp.tune_storage(r, cfg)}: no space left on device (Ray Tune's round files); "
-                                    f"free space and run `efficientllava resume {exp.root}`") from None
-            raise
-        log.debug("round %d: Tuner.fit returned", r)
+        log.debug("round %d: a batch of %d trials", r, progress.remaining)
+        searcher = make_searcher(exp, r, space, objectives, cfg.search)
+        session.run_batch(Batch(r, searcher, progress.remaining, recorder.on_result, recorder.on_error))
         best = progress_log.best
         progress = reconcile_round(exp, r, n, retry_errors=False, objectives=objectives)
         log.debug("round %d: reconciled", r)
     if progress.remaining:
-        log.warning(f"round {r} ends with {progress.done}/{n} trials: {MAX_ATTEMPTS} Tuner runs lost trials "
+        log.warning(f"round {r} ends with {progress.done}/{n} trials: {MAX_ATTEMPTS} batches lost trials "
                     "without a result (workers died?); see the errors above")
     return progress
 
@@ -370,11 +325,19 @@ class SearchDriver:
             run_file = exp.rounds_dir / f"run-{started:.3f}.json"
             with self._workers() as workers:
                 ctx = EngineContext(exp.root, workers)
-                self._rounds(problem, ctx, workers, resume=saved["status"] == STATUS_RUNNING)
-                finished = time.time()
-                finalize(exp, objectives)
-                if heldout:
-                    self._heldout(problem, ctx)
+
+                def body(session: TuneSession) -> float:
+                    """The rounds, then (while Tune winds down) the outputs and the held-out check."""
+                    self._rounds(problem, ctx, workers, session, resume=saved["status"] == STATUS_RUNNING)
+                    session.finish()
+                    finished = time.time()
+                    finalize(exp, objectives)
+                    if heldout:
+                        self._heldout(problem, ctx)
+                    return finished
+
+                # One Tune session for every round: its forwarders start while the workers load, and live on.
+                finished = open_session(exp, self.cfg, workers, objectives).run(body)
                 # Whole-run timing: from the driver's start (workers started, every round) to the last round's end.
                 write_json_atomic(run_file, {"started_at": started, "finished_at": finished,
                                              "heldout_s": time.time() - finished if heldout else None,
@@ -382,7 +345,8 @@ class SearchDriver:
                                              "workers": workers.infos()})
         return exp.root
 
-    def _rounds(self, problem: SearchProblem, ctx: EngineContext, workers: Workers, *, resume: bool) -> None:
+    def _rounds(self, problem: SearchProblem, ctx: EngineContext, workers: Workers, session: TuneSession, *,
+                resume: bool) -> None:
         """The round loop (from the current round in state.json, or round 0)."""
         exp, cfg = self.exp, self.cfg
         history = exp.history()
@@ -395,7 +359,7 @@ class SearchDriver:
             entered = workers.enter_round(state, problem.round_inputs(state, ctx))
             log.debug("round %d entered on %d workers in %s", state.round, len(entered),
                       ", ".join(f"{s:.1f}s" for s in entered.values()))
-            progress = run_round(exp, cfg, state, problem, ctx, workers, resume=resume)
+            progress = run_round(exp, cfg, state, problem, ctx, workers, resume=resume, session=session)
             t1 = time.time()
             resume = False
             trials = load_trials(exp.root)

@@ -21,7 +21,6 @@ from typing import Any
 import optuna
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
-from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from efficientllava.experiment import ExperimentDir
@@ -152,19 +151,20 @@ def next_number(exp: ExperimentDir, r: int, study: optuna.Study) -> int:
 
 
 def make_searcher(exp: ExperimentDir, r: int, space: Space, objectives: Sequence[Objective], search: Any,
-                  seed: int | None = None, queue_ahead: int = 0) -> ConcurrencyLimiter:
-    """Round `r`'s Tune searcher: OptunaSearch on the round's study over `space`, concurrency-limited.
+                  seed: int | None = None) -> RoundSearch:
+    """Round `r`'s Tune searcher: OptunaSearch on the round's study over `space`.
 
     `objectives` are the study's objectives (one for single-objective samplers, the problem's
-    objectives for a multi-objective one). `queue_ahead` trials are in flight beyond
-    `search.max_concurrent` (waiting in the worker pool for a free worker).
+    objectives for a multi-objective one). The session limits the trials in flight
+    (`efficientllava.search.session`): without a limit Tune asks for many trials at once and TPE
+    runs far past n_startup_trials at random.
     """
     storage = exp.storage()
     study = open_study(exp, r, objectives, storage=storage)
     if seed is None:
         seed = round_seed(search.seed, r, len(study.get_trials(deepcopy=False)))
     multi = len(objectives) > 1
-    searcher = RoundSearch(
+    return RoundSearch(
         space=distributions(space),
         metric=[o.name for o in objectives] if multi else objectives[0].name,
         mode=[o.mode for o in objectives] if multi else objectives[0].mode,
@@ -173,8 +173,6 @@ def make_searcher(exp: ExperimentDir, r: int, space: Space, objectives: Sequence
         storage=storage,
         first_number=next_number(exp, r, study),
     )
-    # Without the limiter Tune asks for many trials at once and TPE runs far past n_startup_trials at random.
-    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent + queue_ahead)
 
 
 @dataclass(frozen=True)

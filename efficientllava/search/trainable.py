@@ -22,6 +22,10 @@ from efficientllava.search.api import METRIC, Objective, TrialStatus
 NUMBER_KEY = "_number"
 RETRY_KEY = "_retry_of"
 SEED_KEY = "_seed"
+# Keys the session's searcher adds (efficientllava.search.session): the trial's round, or, instead of
+# params, the gate a hold trial waits at.
+ROUND_KEY = "_round"
+HOLD_KEY = "_hold"
 
 def forwarder_resources(slots: int) -> dict[str, float]:
     """What one forwarder reserves: a `1/(slots + 1/2)` share of this node's `node:<ip>` resource.
@@ -44,28 +48,39 @@ def forwarder_resources(slots: int) -> dict[str, float]:
 
 
 def split_config(config: dict[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
-    """(sampled params, engine tags: number, retry_of, seed) of a Tune trial config."""
+    """(sampled params, engine tags: number, retry_of, seed, round; or hold) of a Tune trial config."""
+    if HOLD_KEY in config:
+        return {}, {"hold": int(config[HOLD_KEY])}
     flat = flatten_dict(dict(config), delimiter="/")  # OptunaSearch un-flattens "a/b" param names
     tags = {"number": int(flat.pop(NUMBER_KEY)), "retry_of": flat.pop(RETRY_KEY, None),
-            "seed": flat.pop(SEED_KEY, None)}
+            "seed": flat.pop(SEED_KEY, None), "round": int(flat.pop(ROUND_KEY))}
     return {k: int(v) for k, v in flat.items()}, tags
 
 
+def hold_result(objectives: tuple[Objective, ...]) -> dict[str, Any]:
+    """A hold trial's result: every objective NaN (Tune checks that the metric keys exist), marked as a hold."""
+    metrics = {o.name: math.nan for o in objectives}
+    metrics.setdefault(METRIC, math.nan)
+    return {**metrics, HOLD_KEY: True, "done": True}
+
+
 class ForwardTrainable(tune.Trainable):
-    """One trial = one evaluation on a free worker of the pool; the actor is reused across trials.
+    """One trial = one evaluation on a free worker of the pool; the actor is reused across trials and rounds.
+
+    A hold trial (no params) waits at the pool's gate instead, so the forwarder stays alive while the
+    driver works between rounds.
 
     Tune's result: the worker's outcome under `outcome`, plus every objective at the top level for
     the searcher (NaN for an errored trial, which the searcher tells as failed) and `status`.
     """
 
-    def setup(self, config: dict[str, Any], pool: Any = None, round_: int = 0,
-              objectives: tuple[Objective, ...] = ()) -> None:
+    def setup(self, config: dict[str, Any], pool: Any = None, objectives: tuple[Objective, ...] = ()) -> None:
         """Keep the pool handle and take the first trial's config."""
         if pool is None:
             raise ValueError("ForwardTrainable needs the worker pool (use make_trainable)")
         _exit_quietly_on_sigterm()
         self._started = time.time()
-        self._pool, self._round, self._objectives = pool, round_, objectives
+        self._pool, self._objectives = pool, objectives
         self._params, self._tags = split_config(config)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
@@ -74,9 +89,12 @@ class ForwardTrainable(tune.Trainable):
         return True
 
     def step(self) -> dict[str, Any]:
-        """Evaluate the trial's params on a worker; one step, then done."""
+        """Evaluate the trial's params on a worker (or wait at the gate for a hold); one step, then done."""
+        if "hold" in self._tags:
+            ray.get(self._pool.hold.remote(self._tags["hold"]))
+            return hold_result(self._objectives)
         sent = time.time()
-        outcome = ray.get(self._pool.evaluate.remote(self._params, self._round))
+        outcome = ray.get(self._pool.evaluate.remote(self._params, self._tags["round"]))
         outcome["submitted_at"], outcome["returned_at"] = sent, time.time()  # this actor's clock: wall_s
         outcome["forwarder_started_at"] = self._started
         result = outcome.get("result") or {}
@@ -111,10 +129,10 @@ def _exit_quietly_on_sigterm() -> None:
         pass
 
 
-def make_trainable(pool: Any, round_: int, objectives: tuple[Objective, ...], slots: int) -> Any:
-    """The Tune trainable of one round: the pool bound, resources for `slots` forwarders at once."""
-    bound = tune.with_parameters(ForwardTrainable, pool=pool, round_=round_, objectives=objectives)
+def make_trainable(pool: Any, objectives: tuple[Objective, ...], slots: int) -> Any:
+    """The Tune trainable of a search: the pool bound, resources for `slots` forwarders at once."""
+    bound = tune.with_parameters(ForwardTrainable, pool=pool, objectives=objectives)
     return tune.with_resources(bound, forwarder_resources(slots))
 
 
-__all__ = ["ForwardTrainable", "TrialStatus", "make_trainable", "split_config"]
+__all__ = ["ForwardTrainable", "TrialStatus", "hold_result", "make_trainable", "split_config"]

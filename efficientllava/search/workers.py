@@ -146,6 +146,19 @@ class WorkerPool:
         self._dead: dict[str, str] = {}
         self._state: RoundState | None = None
         self._inputs: list[ray.ObjectRef] | None = None
+        self._opened = -1  # the last gate opened (efficientllava.search.session: hold trials)
+        self._gates: dict[int, asyncio.Event] = {}
+
+    async def hold(self, gate: int) -> None:
+        """Return once gate `gate` is open (a hold trial: its forwarder waits here between rounds)."""
+        if gate > self._opened:
+            await self._gates.setdefault(gate, asyncio.Event()).wait()
+
+    def open_gate(self, gate: int) -> None:
+        """Open every gate up to `gate`: their hold trials return."""
+        self._opened = max(self._opened, gate)
+        for g in [g for g in self._gates if g <= gate]:
+            self._gates.pop(g).set()
 
     async def add(self, name: str, worker: Any) -> None:
         """Take `worker` into the pool once it has started (it may wait for resources)."""
