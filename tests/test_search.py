@@ -225,8 +225,8 @@ def test_a_round_where_every_trial_fails_stops_the_search(tmp_path):
 
 
 def test_tpe_uses_the_studys_history(tmp_path):
-    """Trials told to the study before a Tuner starts steer TPE (the mechanism resume relies on)."""
-    cfg = toy_config(tmp_path, space=SPACE4, trials_per_round=26, n_startup_trials=5)
+    """Trials told to the study before a round starts steer TPE (the mechanism resume relies on)."""
+    cfg = toy_config(tmp_path, space=SPACE4, trials_per_round=26, n_startup_trials=5, sampler="tpe")
     exp = create_experiment(cfg)
     with engine(cfg, exp) as (problem, ctx, workers, state):
         study = open_study(exp, 0, sampler=make_sampler(cfg.search, 0, problem.space(state, ctx)))
