@@ -137,3 +137,35 @@ def test_unit_groups_and_group_moves_stay_in_band() -> None:
                    n_trials=40)
     assert all(_in_band(t.params, space) for t in study.trials)
     assert study.best_value > study.trials[0].value  # type: ignore[operator]
+
+
+def test_matrix_units_move_by_whole_blocks_first_then_alone() -> None:
+    """Coarse to fine: the first 2 x units trials move a layer's attention or MLP matrices together."""
+    import random
+
+    from efficientllava.pruning.units import unit_names
+    from efficientllava.search.samplers.evolution import block_groups
+
+    names = unit_names(3, "matrix")
+    blocks = [[names[i] for i in g] for g in block_groups(names)]
+    assert blocks[0] == ["layer.0.q", "layer.0.k", "layer.0.v", "layer.0.o"] and len(blocks) == 6
+    assert block_groups(unit_names(3, "sublayer")) == []  # a block is one unit already: no coarse phase
+    levels = tuple(round(0.5 + 0.02 * i, 2) for i in range(25))
+    free = Space(tuple(Param(n, 0, 24, levels, 1.0) for n in names), None)  # no band: no projection
+    sampler = BudgetEvolutionSampler(free, 0)
+    assert sampler._coarse == 2 * len(names)
+    assert BudgetEvolutionSampler(Space(PARAMS[:4], None), 0)._coarse == 0  # not matrix units
+    parent = [12] * len(names)
+    rng = random.Random(0)
+    singles = 0
+    for coarse in (True, False):
+        for _ in range(50):
+            child = sampler._mutate(parent, rng, coarse=coarse)
+            moved = {names[i] for i, (a, b) in enumerate(zip(parent, child, strict=True)) if a != b}
+            whole = all(set(b) <= moved or not set(b) & moved for b in blocks)
+            if coarse:
+                assert moved and whole, f"a coarse move split a block: {sorted(moved)}"
+            singles += not whole
+    assert singles > 0, "after the coarse phase single matrices move too"
+    with pytest.raises(ConfigError, match="coarse"):
+        BudgetEvolutionSampler(free, 0, coarse=-1)
