@@ -110,3 +110,23 @@ def test_an_empty_batch_returns_at_once_and_opens_no_gate():
     s, pool = session()
     s.run_batch(Batch(0, ListSearcher(), 0, on_result=lambda t, r: None, on_error=lambda t: None))
     assert pool.opened == [] and s.suggest("h") == {HOLD_KEY: 0}
+
+
+def test_a_batch_searcher_with_nothing_to_suggest_gets_asked_again_not_a_hold():
+    """A hold waits for the next batch: handing one out while this batch still has trials to run could fill every
+    forwarder with holds and leave the batch waiting forever."""
+
+    class Slow(ListSearcher):
+        def suggest(self, trial_id: str) -> dict | None:
+            return None if self.n == 0 and trial_id == "a" else super().suggest(trial_id)
+
+    s, pool = session()
+    batch = Batch(0, Slow(), 1, on_result=lambda t, r: None, on_error=lambda t: None)
+    thread, _ = run_in_thread(s, batch)
+    wait_until(lambda: pool.opened == [0])
+    assert s.suggest("a") is None
+    assert s.suggest("b") == {"x": 0, ROUND_KEY: 0}
+    batch.settle("b", "recorded")
+    s.complete("b", None, False)
+    thread.join(5)
+    assert not thread.is_alive()

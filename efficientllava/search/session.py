@@ -173,11 +173,14 @@ class TuneSession:
             batch = self._batch
             if batch is not None and batch.handed < batch.count:
                 config = batch.searcher.suggest(trial_id)
-                if config is not None:
-                    batch.handed += 1
-                    batch.unsettled[trial_id] = {"told", "recorded"}
-                    self._owner[trial_id] = batch
-                    return {**config, ROUND_KEY: batch.round}
+                if config is None:
+                    # Not now (Tune asks again). Never a hold here: a hold waits for the *next* batch, and
+                    # holds in every slot would leave this batch's trials no forwarder.
+                    return None
+                batch.handed += 1
+                batch.unsettled[trial_id] = {"told", "recorded"}
+                self._owner[trial_id] = batch
+                return {**config, ROUND_KEY: batch.round}
             self._owner[trial_id] = None
             self.holds += 1
             return {HOLD_KEY: self._gate}
