@@ -10,6 +10,14 @@ first round (workers loading), it hands out *hold* trials. A hold waits at the w
 (`WorkerPool.hold`) until the next batch is installed or the search ends, then returns. Holds leave
 no trace: no record, no Optuna trial.
 
+The same cache also decides whether a forwarder that just finished a trial lives on: Tune keeps it
+only for a trial already staged (waiting for an actor), else at most one. So (1) the limiter lets one
+batch trial more than there are forwarders be live, which keeps a staged trial ready for each freed
+forwarder (its own actor request waits: the forwarders' resource share has no room for another), and
+(2) the holds of a gap are released one at a time, each by the batch trial that will take its
+forwarder: released together, all but one forwarder would be stopped and Tune would start new
+processes for the next trials (measured: about one new forwarder process per trial on 2 cores).
+
 Threads: Tune's loop (`Tuner.fit`) runs in the calling thread, so SIGINT and Tune behave as in a
 plain Tune run; the round loop runs in a helper thread and blocks in `run_batch` while its batch
 runs. Tune calls the searcher and the callback from its loop only; a lock guards what both share.
@@ -155,7 +163,9 @@ class TuneSession:
         self._batch: Batch | None = None
         self._owner: dict[str, Batch | None] = {}  # trial id -> its batch (None: a hold)
         self.record_error: EfficientLLaVAError | None = None
-        self._gate = 0  # the gate the holds handed out now wait for: opened when the next batch is installed
+        self._gate = 0  # the gate the holds handed out now wait for: released when the next batch is installed
+        self._waiting: dict[int, int] = {}  # gate -> its holds not released yet
+        self._live: set[str] = set()  # trials handed to Tune and not complete (holds included)
         self._finished = False
         self._closed = False
         self.holds = 0
@@ -180,13 +190,28 @@ class TuneSession:
                 batch.handed += 1
                 batch.unsettled[trial_id] = {"told", "recorded"}
                 self._owner[trial_id] = batch
+                self._live.add(trial_id)
+                self._release_one()  # this trial takes the forwarder of the hold released now
                 return {**config, ROUND_KEY: batch.round}
+            if len(self._live) >= self.slots:
+                return None  # a staged hold would take the next free forwarder from the next batch
             self._owner[trial_id] = None
+            self._live.add(trial_id)
+            self._waiting[self._gate] = self._waiting.get(self._gate, 0) + 1
             self.holds += 1
             return {HOLD_KEY: self._gate}
 
+    def _release_one(self) -> None:
+        """Let the oldest waiting hold return (the caller holds the lock)."""
+        for gate in sorted(g for g, n in self._waiting.items() if n > 0 and g < self._gate):
+            self._waiting[gate] -= 1
+            self.pool.release.remote(gate)
+            return
+
     def complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         """See `SessionSearch.on_trial_complete`."""
+        with self.lock:
+            self._live.discard(trial_id)
         batch = self.batch_of(trial_id)
         if batch is None:
             return
@@ -208,8 +233,9 @@ class TuneSession:
             if batch.count <= 0:
                 return
             self._batch = batch
-            gate, self._gate = self._gate, self._gate + 1
-        self.pool.open_gate.remote(gate)  # the holds of the gap before this batch return: forwarders free
+            if self._gate == 0:  # the first gap's holds are every forwarder started so far: they wait for each other
+                self.pool.expect_forwarders.remote(self._waiting.get(0, 0))
+            self._gate += 1  # each trial handed out from now releases one hold of the gap (`suggest`)
         try:
             while not batch.done.wait(0.05):
                 if self._closed:
@@ -274,9 +300,9 @@ class TuneSession:
     def _tuner(self) -> tune.Tuner:
         return tune.Tuner(
             make_trainable(self.pool, self.objectives, slots=self.slots),
-            # The limiter keeps `slots` trials in flight and lets Tune stage as many at once (without one
-            # Tune stages a custom searcher's trials one at a time).
-            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(SessionSearch(self), max_concurrent=self.slots),
+            # The limiter keeps `slots` forwarders busy plus one staged trial (see the module docstring), and
+            # lets Tune stage as many at once (without one Tune stages a custom searcher's trials one at a time).
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(SessionSearch(self), max_concurrent=self.slots + 1),
                                         num_samples=-1, reuse_actors=True, trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -137,6 +137,9 @@ class EvalWorker:
             self._round = None  # the call may have moved the problem to another round: re-enter before a trial
 
 
+HOLD_BARRIER_S = 60.0  # the longest the first gap's holds wait for every forwarder to start
+
+
 class WorkerPool:
     """Async dispatcher: each request awaits a free worker, runs there, and frees it (even on error)."""
 
@@ -146,19 +149,55 @@ class WorkerPool:
         self._dead: dict[str, str] = {}
         self._state: RoundState | None = None
         self._inputs: list[ray.ObjectRef] | None = None
-        self._opened = -1  # the last gate opened (efficientllava.search.session: hold trials)
-        self._gates: dict[int, asyncio.Event] = {}
+        # Hold trials (efficientllava.search.session): every gate up to `_opened` is open; `_tokens[g]` holds
+        # of gate g may return before that, one each (the session releases them one at a time).
+        self._opened = -1
+        self._tokens: dict[int, int] = {}
+        self._arrived: dict[int, int] = {}
+        self._forwarders = 0  # the first gap's holds wait until this many have arrived (see `hold`)
+        self._gate_changed = asyncio.Condition()
+
+    async def expect_forwarders(self, count: int) -> None:
+        """How many holds the first gap has (one per forwarder): they return only once all of them are here."""
+        async with self._gate_changed:
+            self._forwarders = count
+            self._gate_changed.notify_all()
 
     async def hold(self, gate: int) -> None:
-        """Return once gate `gate` is open (a hold trial: its forwarder waits here between rounds)."""
-        if gate > self._opened:
-            await self._gates.setdefault(gate, asyncio.Event()).wait()
+        """Return once gate `gate` is open or one of its releases is free (a hold trial waits here).
 
-    def open_gate(self, gate: int) -> None:
-        """Open every gate up to `gate`: their hold trials return."""
-        self._opened = max(self._opened, gate)
-        for g in [g for g in self._gates if g <= gate]:
-            self._gates.pop(g).set()
+        In the first gap (gate 0) a release is taken only once every forwarder is here: otherwise the first
+        forwarder up would run the holds still waiting for theirs, one after another, and Tune would stop
+        those actors as they come up (then start new ones for the next trials). A minute is the limit.
+        """
+        waited = time.monotonic()
+        async with self._gate_changed:
+            self._arrived[gate] = self._arrived.get(gate, 0) + 1
+            self._gate_changed.notify_all()
+
+            def free() -> bool:
+                everyone = (gate > 0 or self._arrived.get(0, 0) >= self._forwarders
+                            or time.monotonic() - waited > HOLD_BARRIER_S)
+                return gate <= self._opened or (self._tokens.get(gate, 0) > 0 and everyone)
+
+            while not free():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._gate_changed.wait(), timeout=1.0)
+            if gate > self._opened:
+                self._tokens[gate] -= 1
+
+    async def release(self, gate: int) -> None:
+        """Let one hold of gate `gate` return (now, or when it arrives)."""
+        async with self._gate_changed:
+            self._tokens[gate] = self._tokens.get(gate, 0) + 1
+            self._gate_changed.notify_all()
+
+    async def open_gate(self, gate: int) -> None:
+        """Open every gate up to `gate`: all their hold trials return."""
+        async with self._gate_changed:
+            self._opened = max(self._opened, gate)
+            self._tokens = {g: n for g, n in self._tokens.items() if g > gate}
+            self._gate_changed.notify_all()
 
     async def add(self, name: str, worker: Any) -> None:
         """Take `worker` into the pool once it has started (it may wait for resources)."""
