@@ -7,7 +7,7 @@ at an idle gap: Tune's actor cache is `_ObjectCache(may_keep_one=True)` (ray 2.6
 the rest. So `SessionSearch` never leaves a forwarder idle. While the round loop works between
 rounds (reconciliation, the projector round, the workers entering the next round) and before the
 first round (workers loading), it hands out *hold* trials. A hold waits at the worker pool's gate
-(`WorkerPool.hold`) until the next batch is installed or the search ends, then returns. Holds leave
+(`WorkerPool.hold`) until a trial of the next batch releases it, or the search ends, then returns. Holds leave
 no trace: no record, no Optuna trial.
 
 The same cache also decides whether a forwarder that just finished a trial lives on: Tune keeps it
@@ -163,7 +163,7 @@ class TuneSession:
         self._batch: Batch | None = None
         self._owner: dict[str, Batch | None] = {}  # trial id -> its batch (None: a hold)
         self.record_error: EfficientLLaVAError | None = None
-        self._gate = 0  # the gate the holds handed out now wait for: released when the next batch is installed
+        self._gate = 0  # the gate the holds handed out now wait at: released one by one by the next batch's trials
         self._waiting: dict[int, int] = {}  # gate -> its holds not released yet
         self._live: set[str] = set()  # trials handed to Tune and not complete (holds included)
         self._finished = False
