@@ -12,7 +12,8 @@ state separately), materialise time of a policy against a plain copy of the same
 back, median ratio over levels 0.2/0.5/0.8), and peak RSS. SparseGPT's bank is lazy: its calibration state is stored for all layers, and every
 level of the first `--sparsegpt-units` units is built (a 2048-wide attention unit at 16 levels takes about
 a minute of CPU; its per-weight bytes are the whole bank's); the full build time is estimated from the
-measured seconds per (rows x cols^2) of the built units. Then it prints the measured table, and the
+measured seconds per (rows x cols^2) of the built units, and so is the time error DP's table of reconstruction
+errors takes (it reads every variant once: `pruning.reconstruction`), printed beside the build. Then it prints the measured table, and the
 extrapolation to 7B and 13B (bf16): bank on disk, the dense-layout bank it replaces, host memory per node
 (the bank's pages, shared by all workers through the page cache) and GPU memory per trial.
 """
@@ -87,6 +88,7 @@ def measure_method(method: str, ckpt: str, args: argparse.Namespace, banks: str)
     from efficientllava.policy import PruningPolicy
     from efficientllava.pruning.bank import BankSpec, build_bank
     from efficientllava.pruning.materialize import Materializer
+    from efficientllava.pruning.reconstruction import reconstruction_errors
     from efficientllava.pruning.units import prunable_units
 
     torch.set_num_threads(args.threads)
@@ -119,6 +121,13 @@ def measure_method(method: str, ckpt: str, args: argparse.Namespace, banks: str)
         cost = {u.name: sum(weight[n].shape[0] * weight[n].shape[1] ** 2 for n in u.linears) for u in units}
         row["build_s"] = calib_s + built_s * sum(cost.values()) / sum(cost[u.name] for u in built)
         row["build_measured"] = f"calibration {calib_s:.0f} s + {len(per_variant)} variants in {built_s:.0f} s"
+        # Error DP's table (round 0's seed point) reads every variant once: time it on the built units and
+        # scale it the same way, beside the build it adds to.
+        t0 = time.perf_counter()
+        reconstruction_errors(model, batches, bank, built)
+        error_s = time.perf_counter() - t0
+        row["error_dp_s"] = error_s * sum(cost.values()) / sum(cost[u.name] for u in built)
+        row["error_dp_measured"] = f"{len(per_variant)} variants in {error_s:.0f} s"
         names = [n for u in built for n in u.linears]
         variant_bytes = bank.nbytes()["variants"]
         row["variant_ratio"] = variant_bytes / sum(weight[n].numel() * weight[n].element_size() for n in names)
@@ -214,6 +223,9 @@ def report(rows: list[dict[str, Any]], shape: str, markdown: bool) -> str:
             f"{r['apply_s'] * 1e3:.0f} ms vs {r['copy_s'] * 1e3:.0f} ms ({r['ratio']:.1f}x, "
             f"{r['materialised_gib']:.2f} GiB)",
             f"{r['peak_rss']:.1f} GiB ({r['base_peak_rss']:.1f} after load; dense linears {dense_gib:.2f} GiB)"])
+    errors = [f"{r['method']}: error-DP table {r['error_dp_s']:.0f} s estimated for all {r['units']} units "
+              f"({r['error_dp_measured']}), {r['error_dp_s'] / r['build_s']:.2f}x the full bank build"
+              for r in rows if "error_dp_s" in r]
     head = ["method", "format", "build", "bank / dense (16 levels)", "calibration state / dense",
             "dense-layout bank", "materialise vs copy", "peak RSS"]
     ext = [[e["model"], e["method"], f"{e['bank_gb']:.1f} GB" + (f" (+{e['calib_gb']:.1f} GB calibration while "
@@ -223,8 +235,8 @@ def report(rows: list[dict[str, Any]], shape: str, markdown: bool) -> str:
     ehead = ["model", "method", "bank on disk", "dense-layout bank (before)", "host page cache per node (all workers)",
              "GPU memory per trial"]
     title = f"measured on CPU: {shape}"
-    return f"{title}\n\n{_table(head, measured, markdown)}\n\nextrapolated (bf16, 16 levels):\n\n" \
-           f"{_table(ehead, ext, markdown)}"
+    return f"{title}\n\n{_table(head, measured, markdown)}\n\n" + "".join(f"{e}\n\n" for e in errors) + \
+           f"extrapolated (bf16, 16 levels):\n\n{_table(ehead, ext, markdown)}"
 
 
 def main() -> None:

@@ -9,14 +9,16 @@ is used only to report that policy's accuracy. Printed per budget: held-out accu
 over draws, few-shot accuracy, mean sparsity, and the trial at which each method found the policy
 it finally picked (mean over draws). Methods:
 
-- uniform, OWL (lambda 0.08, M 5): one policy each;
+- uniform, OWL (lambda 0.08, M 5), error DP (OBC's least summed reconstruction error at the budget,
+  `allocations.error_dp`): one policy each;
 - best depth slope / best attention-MLP split: a sweep of slopes (splits) at the budget, the best
   on the default few-shot objective kept;
 - searches with an equal trial budget (`--trials`, seed points included): random search;
   TPE on few-shot accuracy with repair (the previous default); TPE, GP (optuna's GPSampler) and
   the budget-preserving evolution on the new fidelity; evolution on each fidelity (accuracy,
   log-likelihood, KL); all but random and the previous default start from the seed points
-  (`allocations.seed_policies`);
+  (`allocations.seed_policies`, error DP among them as in `efficientllava search`); the default
+  sampler once more without the error-DP seed (what that seed adds);
 - reference: the default search run 10x longer.
 
 Then, on the default's own trials, the final pick re-made with other SRM weights lam (the SRM
@@ -54,6 +56,7 @@ from candidates import mean_std, seed_pipeline
 from efficientllava.allocations import (
     attn_mlp_split,
     depth_slope,
+    error_dp,
     owl,
     owl_outlier_ratios,
     room,
@@ -63,6 +66,7 @@ from efficientllava.config import load_config
 from efficientllava.pipeline import Pipeline
 from efficientllava.policy import PruningPolicy
 from efficientllava.problem import params_to_policy, srm_config
+from efficientllava.pruning.reconstruction import reconstruction_errors
 from efficientllava.pruning.units import prunable_units
 from efficientllava.scoring.accuracy import evaluate_accuracy
 from efficientllava.scoring.objective import PolicyScorer, TrialScore
@@ -86,6 +90,7 @@ class Method:
     lam: float = 0.0
     over_budget: str = "project"
     seeded: bool = True  # search: start from all seed points (else: uniform only)
+    error_seed: bool = True  # search: keep the error-DP policy among the seed points
     scale: int = 1  # trials = scale x --trials
 
 
@@ -106,6 +111,7 @@ def methods(fidelity: str, sampler: str, lam: float) -> list[Method]:
     rows = [
         Method("uniform", "fixed"),
         Method("OWL", "fixed"),
+        Method("error DP", "fixed"),
         Method("best depth slope", "sweep", fidelity=fidelity, lam=lam),
         Method("best attn/MLP split", "sweep", fidelity=fidelity, lam=lam),
         Method(f"random / {fidelity} / lam {lam:g}", "search", "random", fidelity, lam, seeded=False),
@@ -116,6 +122,8 @@ def methods(fidelity: str, sampler: str, lam: float) -> list[Method]:
     ]
     for fid in ("accuracy", "loglik", "kl"):
         rows.append(Method(f"evolution / {fid} / lam {lam:g}", "search", "evolution", fid, lam))
+    rows.append(Method(f"{sampler} / {fidelity} / lam {lam:g}, no error-DP seed", "search", sampler, fidelity, lam,
+                       error_seed=False))
     for other in (0.0, 1.0):
         if other != lam:
             rows.append(Method(f"{sampler} / {fidelity} / lam {other:g}", "search", sampler, fidelity, other))
@@ -140,6 +148,7 @@ class Draw:
         self.units = prunable_units(pipe.model, space.granularity)
         self.names = [u.name for u in self.units]
         self.outliers = owl_outlier_ratios(pipe.model, pipe.fewshot_batches, self.units)
+        self.errors = reconstruction_errors(pipe.model, pipe.fewshot_batches, self.bank, self.units)
         self.base_space = space
         self.srm = srm
         self.weights = pipe.cost_model(space.granularity).unit_param_counts()
@@ -194,6 +203,8 @@ def run_search(draw: Draw, target: float, m: Method, n_trials: int, seed: int,
     weights = draw.weights
     study = optuna.create_study(direction="maximize",
                                 sampler=make_sampler(m.sampler, seed, space, draw.names, weights, n_trials))
+    if not m.error_seed:
+        seeds = [(name, p) for name, p in seeds if name != "error-dp"]
     for _, policy in (seeds if m.seeded else seeds[:1]):
         study.enqueue_trial(policy_indices(policy, space))
     trials: list[tuple[PruningPolicy, TrialScore]] = []
@@ -215,7 +226,12 @@ def run_method(draw: Draw, target: float, m: Method, n_trials: int, seed: int,
     space = draw.space(target)
     weights = draw.weights
     if m.kind == "fixed":
-        policy = (seeds[0][1] if m.name == "uniform" else owl(space, draw.units, weights, draw.outliers))
+        if m.name == "uniform":
+            policy = seeds[0][1]
+        elif m.name == "OWL":
+            policy = owl(space, draw.units, weights, draw.outliers)
+        else:
+            policy = error_dp(space, draw.units, weights, draw.errors)
         trials = [(policy, draw.score(target, policy))]
     elif m.kind == "sweep":
         r = room(space, draw.units)
@@ -273,7 +289,7 @@ def main() -> None:
     if args.methods != "all":
         wanted = [w.strip() for w in args.methods.split(",")]
         rows = [m for m in rows if any(w in m.name for w in wanted)]
-    default = next((m for m in rows if m.kind == "search" and m.scale == 1 and m.sampler == args.sampler
+    default = next((m for m in rows if m.kind == "search" and m.scale == 1 and m.error_seed and m.sampler == args.sampler
                     and m.fidelity == args.fidelity and m.lam == lam), None)
     space_path = Path(cfg.space)
     if args.granularity:
@@ -304,7 +320,7 @@ def main() -> None:
                 {u: base.levels_for(u) for u in base.unit_names(pipe.num_layers)})
             draw = Draw(pipe, space, Path(tmp), srm)
             for target in budgets:
-                seeds = seed_policies(draw.space(target), draw.units, draw.weights, draw.outliers)
+                seeds = seed_policies(draw.space(target), draw.units, draw.weights, draw.outliers, errors=draw.errors)
                 for m in rows:
                     out = run_method(draw, target, m, args.trials, seed, seeds, args.sweep)
                     results.setdefault((target, m.name), []).append(out)

@@ -1,4 +1,4 @@
-"""Strong known allocations at a budget: uniform, OWL, depth slopes, attention/MLP splits.
+"""Strong known allocations at a budget: uniform, OWL, depth slopes, attention/MLP splits, error DP.
 
 Each is a rule that gives every prunable unit a sparsity ratio from a few numbers; each result is
 projected onto the space's levels and its budget band (`space.project`), so it is a policy a
@@ -17,6 +17,10 @@ the search.
   falling ones are included too (a vision-language model's first layers read the image tokens).
 - attention/MLP splits: attention units at a, MLP units at a + diff, with a chosen so the
   weighted mean is the target (needs sublayer or matrix granularity).
+- error DP (OBC, Frantar & Alistarh, NeurIPS 2022; SPDY's starting point): the levels that minimise
+  the sum of the units' own reconstruction errors tr(dW H dW^T) (`pruning.reconstruction`) with the
+  mean in the budget band, by dynamic programming over the budget; exact up to a budget grid of a
+  quarter of the band per unit count, so it lands in the band by construction.
 
 Units are unit names (`layer.3`, `layer.3.attn`, `layer.3.q`, ...) or anything with `name`,
 `layer` and `part` (e.g. `pruning.units.PrunableUnit`); a unit is attention or MLP by the roles
@@ -33,8 +37,9 @@ import torch
 
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.policy import PruningPolicy
+from efficientllava.pruning.bank import VariantBank
 from efficientllava.pruning.units import PART_ROLES, PrunableUnit, parse_unit
-from efficientllava.space import SearchSpace, policy_indices, project
+from efficientllava.space import SearchSpace, policy_indices, project, project_indices
 
 ATTN_PARTS = frozenset(p for p, roles in PART_ROLES.items() if set(roles) <= set(PART_ROLES["attn"]))
 MLP_PARTS = frozenset(p for p, roles in PART_ROLES.items() if set(roles) <= set(PART_ROLES["mlp"]))
@@ -151,6 +156,61 @@ def owl_outlier_ratios(model: torch.nn.Module, batches: Iterable[dict[str, torch
     return out
 
 
+def error_dp(space: SearchSpace, units: Units, weights: Mapping[str, int],
+             errors: Mapping[str, Mapping[float, float]]) -> PruningPolicy:
+    """The levels with the least summed reconstruction error whose weighted mean lies in the budget band.
+
+    `errors[unit][level]` as `pruning.reconstruction.reconstruction_errors` gives. A knapsack DP over
+    the weighted level sum, quantised to q = band width x total weight / (4 x units): rounding moves the
+    sum by at most a quarter of the band, so states are kept a quarter inside it and the result is
+    checked exactly (then projected, never needed in practice). Deterministic (ties: lower levels first).
+    """
+    names = [u.name for u in _units(units)]
+    levels = [tuple(space.levels_for(u)) for u in names]
+    for u, lvs in zip(names, levels, strict=True):
+        missing = [lv for lv in lvs if lv not in errors.get(u, {})]
+        if missing:
+            raise PolicyError(f"error DP: no reconstruction error for unit {u!r} at level {missing[0]:g}")
+        if u not in weights:
+            raise PolicyError(f"error DP: no parameter count for unit {u!r}")
+    w = [float(weights[u]) for u in names]
+    total = math.fsum(w)
+    budget = space.budget
+    lo, hi = budget.floor * total, budget.ceiling * total  # bounds on the weighted level sum
+    base = math.fsum(wi * min(lvs) for wi, lvs in zip(w, levels, strict=True))
+    q = max((hi - lo) / (4 * len(names)), total * 1e-7)
+    shifts = [[round(wi * (lv - min(lvs)) / q) for lv in lvs] for wi, lvs in zip(w, levels, strict=True)]
+    size = sum(max(s) for s in shifts) + 1
+    best = torch.full((size,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    back = []
+    for u, lvs, sh in zip(names, levels, shifts, strict=True):
+        new = torch.full_like(best, math.inf)
+        arg = torch.zeros(size, dtype=torch.int16)
+        for k, (lv, s) in enumerate(zip(lvs, sh, strict=True)):
+            cand = torch.full_like(best, math.inf)
+            cand[s:] = best[: size - s] + float(errors[u][lv])
+            better = cand < new
+            new = torch.where(better, cand, new)
+            arg[better] = k
+        best = new
+        back.append(arg)
+    sums = base + torch.arange(size, dtype=torch.float64) * q
+    margin = (hi - lo) / 4
+    ok = (sums >= lo + margin) & (sums <= hi - margin) & torch.isfinite(best)
+    if not bool(ok.any()):
+        raise PolicyError(f"error DP: no levels reach the budget band [{budget.floor:g}, {budget.ceiling:g}]")
+    state = int(torch.where(ok, best, torch.full_like(best, math.inf)).argmin())
+    idx = []
+    for arg, sh in zip(reversed(back), reversed(shifts), strict=True):
+        k = int(arg[state])
+        idx.append(k)
+        state -= sh[k]
+    idx.reverse()
+    idx = project_indices(levels, idx, w, budget.floor, budget.ceiling, names=names)
+    return PruningPolicy(tuple((u, lvs[k]) for u, lvs, k in zip(names, levels, idx, strict=True)))
+
+
 def room(space: SearchSpace, units: Units) -> float:
     """How far every unit can move from the target within its levels: min(target - lowest, highest - target)."""
     target = space.budget.target
@@ -160,15 +220,19 @@ def room(space: SearchSpace, units: Units) -> float:
 
 def seed_policies(space: SearchSpace, units: Units, weights: Mapping[str, int],
                   outliers: Mapping[int, float] | None = None,
-                  multiples: Sequence[float] = (-2.0, -1.0, 1.0, 2.0)) -> list[tuple[str, PruningPolicy]]:
+                  multiples: Sequence[float] = (-2.0, -1.0, 1.0, 2.0),
+                  errors: Mapping[str, Mapping[float, float]] | None = None) -> list[tuple[str, PruningPolicy]]:
     """Named strong starting points at the budget, best-known first, duplicates dropped.
 
-    uniform; OWL (when `outliers`, from `owl_outlier_ratios`, are given); depth slopes and
+    uniform; error DP (when `errors`, from `pruning.reconstruction.reconstruction_errors`, are
+    given); OWL (when `outliers`, from `owl_outlier_ratios`, are given); depth slopes and
     attention/MLP splits whose spread is each of `multiples` x `room(space, units)` (the distance
     every unit can move from the target within its levels). Round 0 enqueues these.
     """
     units = _units(units)
     out: list[tuple[str, PruningPolicy]] = [("uniform", uniform(space, units, weights))]
+    if errors is not None:
+        out.append(("error-dp", error_dp(space, units, weights, errors)))
     if outliers is not None:
         out.append(("owl", owl(space, units, weights, outliers)))
     r = room(space, units)
@@ -188,14 +252,18 @@ def seed_policies(space: SearchSpace, units: Units, weights: Mapping[str, int],
 
 
 def seed_points(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], space: SearchSpace,
-                weights: Mapping[str, int]) -> dict[str, dict[str, int]]:
+                weights: Mapping[str, int], bank: VariantBank | None = None) -> dict[str, dict[str, int]]:
     """Round 0's named seed points as level indices of `space` (run where the model and few-shot set are).
 
-    The model's units at the space's granularity, OWL's outlier ratios from `batches`, then
+    The model's units at the space's granularity, OWL's outlier ratios from `batches`, the
+    reconstruction errors of `bank`'s variants (when a bank of `space`'s levels is given), then
     `seed_policies`; each point is `{unit: index of its level}`, what a trial's params hold.
     """
+    from efficientllava.pruning.reconstruction import reconstruction_errors
     from efficientllava.pruning.units import prunable_units
 
     units = prunable_units(model, space.granularity)
     outliers = owl_outlier_ratios(model, batches, units)
-    return {name: policy_indices(policy, space) for name, policy in seed_policies(space, units, weights, outliers)}
+    errors = reconstruction_errors(model, batches, bank, units) if bank is not None else None
+    return {name: policy_indices(policy, space)
+            for name, policy in seed_policies(space, units, weights, outliers, errors=errors)}

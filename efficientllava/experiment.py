@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -45,6 +46,9 @@ __all__ = ["ExperimentDir", "create_experiment", "open_experiment", "write_json_
 
 CONFIG_TODO = ("restore it from the experiment YAML the search was started with (keep `space:` pointing at the "
                "space.yaml in this directory), then run the command again")
+# config.yaml's first line: the sha256 of the lines below it. Every key is written, but most have defaults, so a
+# file cut short can still parse as a valid (different) config; the digest tells it from the one written.
+CONFIG_HEADER = "# efficientllava experiment config; sha256 of the lines below: "
 STATUS_CREATED = "created"
 STATUS_RUNNING = "running"
 STATUS_DONE = "done"
@@ -106,7 +110,9 @@ class ExperimentDir:
     def load_config(self) -> ExperimentConfig:
         """The config the experiment was created with (a relative `space:` is inside the directory)."""
         try:
-            d = yaml.safe_load(self.config_path.read_text())
+            text = self.config_path.read_text()
+            _check_config_digest(self.config_path, text)
+            d = yaml.safe_load(text)
         except OSError as exc:
             raise ConfigError(f"{self.config_path}: cannot read ({exc.strerror})") from exc
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -224,9 +230,21 @@ def create_experiment(cfg: ExperimentConfig, root: str | Path | None = None) -> 
     if space.is_file():
         write_text_atomic(exp.root / SPACE_FILE, space.read_text())
         cfg = dataclasses.replace(cfg, space=SPACE_FILE)
-    write_text_atomic(exp.config_path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    write_text_atomic(exp.config_path, f"{CONFIG_HEADER}{hashlib.sha256(body.encode()).hexdigest()}\n{body}")
     exp.write_state(STATUS_CREATED, None, [])
     return exp
+
+
+def _check_config_digest(path: Path, text: str) -> None:
+    """Raise DamagedFileError when config.yaml's header digest does not match its body (no header: not checked,
+    as in directories written before the header existed, or after a person removed it to accept an edit)."""
+    if not text.startswith(CONFIG_HEADER):
+        return
+    header, _, body = text.partition("\n")
+    if hashlib.sha256(body.encode()).hexdigest() != header[len(CONFIG_HEADER):].strip():
+        raise DamagedFileError(path, "damaged or edited since the search wrote it (its sha256 does not match its first "
+                                     "line)", CONFIG_TODO + "; to keep a deliberate edit, delete the first line")
 
 
 def open_experiment(path: str | Path) -> ExperimentDir:

@@ -43,6 +43,19 @@ def read_holder(lock_path: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _live_holder(path: Path, wait_s: float = 1.0) -> dict[str, Any] | None:
+    """The holder of a flock another process holds: a holder that has just taken it writes its JSON a moment
+    later (the file is empty, or still the last holder's released one), so read again for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = read_holder(path)
+        if holder and not holder.get("released"):
+            return holder
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
 def describe(holder: dict[str, Any] | None) -> str:
     """`pid 123 on host h (efficientllava resume, since 2026-11-25 18:02:11)`."""
     if not holder:
@@ -81,7 +94,7 @@ def driver_lock(root: str | Path, command: str | None = None) -> Iterator[dict[s
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ExperimentLockedError(_busy(root, read_holder(path))) from None
+            raise ExperimentLockedError(_busy(root, _live_holder(path))) from None
         previous = read_holder(path)
         if _expired_elsewhere(previous, host, time.time()):
             fcntl.flock(fd, fcntl.LOCK_UN)

@@ -8,6 +8,7 @@ import torch
 from efficientllava.allocations import (
     attn_mlp_split,
     depth_slope,
+    error_dp,
     owl,
     owl_outlier_ratios,
     room,
@@ -102,3 +103,12 @@ def test_seed_policies_are_named_unique_and_at_the_budget() -> None:
     layer_seeds = seed_policies(LAYER_SPACE, LAYER_UNITS, LAYER_WEIGHTS)
     assert not any(n.startswith(("split", "owl")) for n, _ in layer_seeds)
     assert room(SPACE, UNITS) == pytest.approx(0.06)
+
+
+def test_error_dp_is_the_second_seed_when_errors_are_given() -> None:
+    errors = {u.name: {lv: (3.0 if u.part == "mlp" else 1.0) * (1 + u.layer) * lv ** 8 for lv in LEVELS} for u in UNITS}
+    seeds = seed_policies(SPACE, UNITS, WEIGHTS, {i: float(i) for i in range(6)}, errors=errors)
+    assert [n for n, _ in seeds][:3] == ["uniform", "error-dp", "owl"]
+    assert seeds[1][1] == error_dp(SPACE, UNITS, WEIGHTS, errors) and _in_band(seeds[1][1])
+    # costlier units (MLP, deeper layers) are pruned less
+    assert seeds[1][1].ratio("layer.0.attn") > seeds[1][1].ratio("layer.5.mlp")

@@ -119,6 +119,9 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
         assert state["status"] == "done" and state["round"] == ROUNDS - 1 and len(state["history"]) == ROUNDS
         trial_files = sorted(p.name for p in (root / "trials").glob("*.json"))
         assert trial_files == sorted(f"{r}-{n}.json" for r in range(ROUNDS) for n in range(TRIALS))
+        # Round 0 starts from the known allocations, uniform and error DP (from round 0's own bank) first.
+        seeded = {json.loads((root / "trials" / f"0-{n}.json").read_text()).get("seed") for n in range(TRIALS)}
+        assert {"uniform", "error-dp"} <= seeded, seeded
         studies = study_trials(root)
         assert all(len(ts) == TRIALS and all(t.state.name == "COMPLETE" for t in ts) for ts in studies.values())
 

@@ -369,3 +369,42 @@ def test_disk_full_mid_search_then_moved_and_resumed_twice_at_once(tmp_path):
         assert (moved / "trials" / name).read_bytes() == data
     _check_rounds(moved)
     assert yaml.safe_load((moved / "config.yaml").read_text())["space"] == "space.yaml"
+
+
+def test_a_refusal_names_the_holder_that_has_just_taken_the_lock(tmp_path):
+    """A holder writes its JSON just after its flock: the refused process waits for it instead of saying
+    "another process" (or naming the previous, released holder)."""
+    import threading
+
+    from efficientllava.experiment_lock import LOCK_FILE, _live_holder
+
+    lock = tmp_path / LOCK_FILE
+    lock.write_text(json.dumps({"pid": 1, "host": "h", "released": True}))
+    later = threading.Timer(0.2, lambda: lock.write_text(json.dumps({"pid": 4242, "host": "h"})))
+    later.start()
+    try:
+        assert _live_holder(lock)["pid"] == 4242
+    finally:
+        later.cancel()
+    lock.write_text("")
+    assert _live_holder(lock, wait_s=0.1) is None
+
+
+def test_a_config_cut_short_that_still_parses_is_refused(tmp_path):
+    """Most keys have defaults, so half a config.yaml can be a valid config: its digest line tells it apart."""
+    from efficientllava.config import config_from_dict
+    from efficientllava.errors import DamagedFileError
+    from efficientllava.experiment import create_experiment
+
+    cfg = config_from_dict({"name": "cut", "space": "search_spaces/tiny.yaml"}, Path(__file__).parents[1] / "x.yaml")
+    exp = create_experiment(cfg, tmp_path / "exp")
+    assert exp.load_config() == open_experiment(exp.root).load_config()
+    text = exp.config_path.read_text()
+    lines = text.splitlines(keepends=True)
+    cut = next(i for i in range(len(lines) - 1, 0, -1) if not lines[i].startswith(" "))  # ends before a section
+    exp.config_path.write_text("".join(lines[:cut]))
+    config_from_dict(yaml.safe_load("".join(lines[1:cut])), "cut.yaml", resolve_space=False)  # valid on its own
+    with pytest.raises(DamagedFileError, match="sha256 does not match.*delete the first line"):
+        exp.load_config()
+    exp.config_path.write_text("".join(lines[1:cut]))  # the person accepts the edit: no digest, no check
+    assert exp.load_config().name == "cut"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from efficientllava.problem.session import (
     CHECKPOINT_PROJECTOR,
     RoundInputs,
     WorkerSession,
+    bank_cache_dir,
     resolved_space,
 )
 from efficientllava.search.api import (
@@ -54,6 +56,20 @@ MODEL_FILE = "model.json"
 FIRST_SPACE = "spaces/round-0.yaml"
 FIRST_SEEDS = "seeds/round-0.json"
 SEEDS_FROM_PREVIOUS_ROUND = 3  # a round > 0 starts from this many of the previous round's best policies
+
+
+def _write_seeds(path: Path, points: Mapping[str, Mapping[str, int]]) -> None:
+    """Named seed points as a JSON list, best first: the order is what `seed_points` keeps (a JSON object's
+    keys would be sorted on writing, which once put uniform last and cut it from short rounds)."""
+    write_json_atomic(path, [{"name": name, "point": dict(point)} for name, point in points.items()])
+
+
+def _read_seeds(path: Path) -> dict[str, dict[str, int]]:
+    """Seed points in their written order (an experiment written before the list format: its object's order)."""
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        return data
+    return {entry["name"]: entry["point"] for entry in data}
 
 
 def _write_space(space: SearchSpace, path: Path) -> None:
@@ -110,10 +126,10 @@ class PruningProblem:
         _write_space(space, ctx.root / FIRST_SPACE)
         payload: dict[str, Any] = {"space": FIRST_SPACE, "projector": None, "projector_version": 0}
         if self.config.search.uniform_first:
-            # Uniform, OWL, depth slopes and attention/MLP splits at the budget (allocations.py): round 0's
-            # first trials, so every search starts from the allocations it must beat. OWL needs activations,
-            # so they are computed once on a worker and kept in the directory.
-            write_json_atomic(ctx.root / FIRST_SEEDS, ctx.call("known_allocations", space.to_dict()))
+            # Uniform, error DP, OWL, depth slopes and attention/MLP splits at the budget (allocations.py):
+            # round 0's first trials, so every search starts from the allocations it must beat. They need the
+            # model, activations and a bank, so they are computed once on a worker and kept in the directory.
+            _write_seeds(ctx.root / FIRST_SEEDS, ctx.call("known_allocations", space.to_dict()))
             payload["seeds"] = FIRST_SEEDS
         return RoundState(0, payload)
 
@@ -130,7 +146,7 @@ class PruningProblem:
         rel = state.payload.get("seeds")
         if not rel:
             return {}
-        points = json.loads((ctx.root / rel).read_text())
+        points = _read_seeds(ctx.root / rel)
         keep = max(1, self.config.search.trials_per_round // 2)
         return dict(list(points.items())[:keep])
 
@@ -186,7 +202,7 @@ class PruningProblem:
             except PolicyError:  # a level the evolved space dropped
                 continue
         rel_seeds = f"seeds/round-{nxt}.json"
-        write_json_atomic(ctx.root / rel_seeds, seeds)
+        _write_seeds(ctx.root / rel_seeds, seeds)
         payload["seeds"] = rel_seeds
         return RoundState(nxt, payload)
 
@@ -254,11 +270,30 @@ class PruningProblem:
                 "unit_params": pipeline.cost_model(granularity).unit_param_counts()}
 
     def known_allocations(self, space: dict[str, Any]) -> dict[str, dict[str, int]]:
-        """Uniform, OWL, depth slopes and attention/MLP splits on `space` as level indices (allocations.py)."""
-        pipeline = self.session.pipeline
+        """Uniform, error DP, OWL, depth slopes and attention/MLP splits on `space` (round 0's) as level indices.
+
+        Error DP reads round 0's bank (the checkpoint's projector, the space's levels): it is built
+        here, once, and round 0 then opens the same bank (`allocations.py`, `pruning.reconstruction`).
+        """
+        session = self.session
+        pipeline = session.pipeline
         resolved = space_from_dict(space)
         weights = pipeline.cost_model(resolved.granularity).unit_param_counts()
-        return seed_points(pipeline.model, pipeline.fewshot_batches, resolved, weights)
+        if not self.config.search.error_dp:
+            return seed_points(pipeline.model, pipeline.fewshot_batches, resolved, weights)
+        session.set_projector(None)  # round 0 calibrates with the checkpoint's projector
+        try:
+            t0 = time.perf_counter()
+            bank = pipeline.bank(resolved, bank_cache_dir(), CHECKPOINT_PROJECTOR, log=False)
+            t1 = time.perf_counter()
+            points = seed_points(pipeline.model, pipeline.fewshot_batches, resolved, weights, bank)
+            log.info(f"round 0: variant bank {bank.fingerprint} ready in {t1 - t0:.1f}s, seed points in "
+                     f"{time.perf_counter() - t1:.1f}s (error DP read its "
+                     f"{sum(len(bank.nonzero_levels(u)) for u in bank.unit_levels)} variants)")
+            return points
+        finally:
+            if session.inputs is not None:  # a live round's projector goes back in
+                session.set_projector(session.inputs.projector)
 
     def enter_round(self, state: RoundState, inputs: RoundInputs) -> None:
         """Swap in the round's projector and space (and its bank, when rebuilt per projector)."""
