@@ -186,7 +186,7 @@ def error_dp(space: SearchSpace, units: Units, weights: Mapping[str, int],
     back = []
     for u, lvs, sh in zip(names, levels, shifts, strict=True):
         new = torch.full_like(best, math.inf)
-        arg = torch.zeros(size, dtype=torch.int16)
+        arg = torch.zeros(size, dtype=torch.int8 if len(lvs) <= 127 else torch.int16)  # 224 units x 4e5 states on 7B
         for k, (lv, s) in enumerate(zip(lvs, sh, strict=True)):
             cand = torch.full_like(best, math.inf)
             cand[s:] = best[: size - s] + float(errors[u][lv])
