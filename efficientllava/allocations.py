@@ -38,7 +38,8 @@ import torch
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.bank import VariantBank
-from efficientllava.pruning.units import PART_ROLES, PrunableUnit, parse_unit
+from efficientllava.pruning.reconstruction import reconstruction_errors
+from efficientllava.pruning.units import PART_ROLES, PrunableUnit, parse_unit, prunable_units
 from efficientllava.space import SearchSpace, policy_indices, project, project_indices
 
 ATTN_PARTS = frozenset(p for p, roles in PART_ROLES.items() if set(roles) <= set(PART_ROLES["attn"]))
@@ -259,9 +260,6 @@ def seed_points(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
     reconstruction errors of `bank`'s variants (when a bank of `space`'s levels is given), then
     `seed_policies`; each point is `{unit: index of its level}`, what a trial's params hold.
     """
-    from efficientllava.pruning.reconstruction import reconstruction_errors
-    from efficientllava.pruning.units import prunable_units
-
     units = prunable_units(model, space.granularity)
     outliers = owl_outlier_ratios(model, batches, units)
     errors = reconstruction_errors(model, batches, bank, units) if bank is not None else None
