@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -71,8 +72,9 @@ from efficientllava.pruning.units import prunable_units
 from efficientllava.scoring.accuracy import evaluate_accuracy
 from efficientllava.scoring.objective import PolicyScorer, TrialScore
 from efficientllava.scoring.srm import SRMConfig
-from efficientllava.search.api import Param, Space, SpaceBudget
+from efficientllava.search.api import ATTRIBUTION_ATTR, Param, Space, SpaceBudget
 from efficientllava.search.samplers import make_sampler as registry_sampler
+from efficientllava.search.samplers import uses_attribution
 from efficientllava.space import SearchSpace, fit_to_budget, load_space, policy_indices
 
 ROOT = Path(__file__).parents[1]
@@ -104,6 +106,7 @@ class Outcome:
     trials_to_best: int
     policy: PruningPolicy
     trials: list[tuple[PruningPolicy, TrialScore]] = field(default_factory=list)
+    trial_s: float = math.nan  # mean seconds per scored trial (evaluation, plus the backward pass for guided)
 
 
 def methods(fidelity: str, sampler: str, lam: float) -> list[Method]:
@@ -122,13 +125,17 @@ def methods(fidelity: str, sampler: str, lam: float) -> list[Method]:
     ]
     for fid in ("accuracy", "loglik", "kl"):
         rows.append(Method(f"evolution / {fid} / lam {lam:g}", "search", "evolution", fid, lam))
+    if sampler != "evolution":
+        rows.append(Method(f"{sampler} / {fidelity} / lam {lam:g}", "search", sampler, fidelity, lam))
     rows.append(Method(f"{sampler} / {fidelity} / lam {lam:g}, no error-DP seed", "search", sampler, fidelity, lam,
                        error_seed=False))
     for other in (0.0, 1.0):
         if other != lam:
             rows.append(Method(f"{sampler} / {fidelity} / lam {other:g}", "search", sampler, fidelity, other))
-    rows.append(Method(f"reference: {sampler} / {fidelity} / lam {lam:g}, 10x trials", "search", sampler, fidelity,
-                       lam, scale=10))
+    # The yardstick: the budget-preserving evolution (the default before guided) 10x longer; the same
+    # reference whichever the default is, and one that costs no backward pass per trial.
+    rows.append(Method(f"reference: evolution / {fidelity} / lam {lam:g}, 10x trials", "search", "evolution",
+                       fidelity, lam, scale=10))
     return rows
 
 
@@ -155,6 +162,8 @@ class Draw:
         self._scorers: dict[float, PolicyScorer] = {}
         self._scores: dict[tuple[float, str], TrialScore] = {}
         self._heldout: dict[str, float] = {}
+        self.scored_s = 0.0  # seconds spent scoring (cache misses only), and how many
+        self.scored = 0
 
     def space(self, target: float, over_budget: str = "project") -> SearchSpace:
         """The space at budget `target` with `over_budget`."""
@@ -166,11 +175,14 @@ class Draw:
             self._scorers[target] = self.pipe.scorer(self.space(target), self.bank, self.srm)
         return self._scorers[target]
 
-    def score(self, target: float, policy: PruningPolicy) -> TrialScore:
-        """Few-shot score of `policy` (cached)."""
+    def score(self, target: float, policy: PruningPolicy, attribution: bool = False) -> TrialScore:
+        """Few-shot score of `policy` (cached; with its KL attribution when asked for)."""
         key = (target, policy.key)
-        if key not in self._scores:
-            self._scores[key] = self.scorer(target).score(policy)
+        if key not in self._scores or (attribution and not self._scores[key].attribution):
+            t0 = time.perf_counter()
+            self._scores[key] = self.scorer(target).score(policy, attribution=attribution)
+            self.scored_s += time.perf_counter() - t0
+            self.scored += 1
         return self._scores[key]
 
     def heldout(self, target: float, policy: PruningPolicy) -> float:
@@ -182,9 +194,11 @@ class Draw:
 
 
 def make_sampler(name: str, seed: int, space: SearchSpace, units: list[str], weights: dict[str, int],
-                 n_trials: int) -> optuna.samplers.BaseSampler:
+                 n_trials: int, errors: dict[str, dict[float, float]] | None = None) -> optuna.samplers.BaseSampler:
     """The sampler `name` exactly as `efficientllava search` configures it (the sampler registry)."""
-    params = tuple(Param(u, 0, len(space.levels_for(u)) - 1, space.levels_for(u), float(weights[u])) for u in units)
+    params = tuple(Param(u, 0, len(space.levels_for(u)) - 1, space.levels_for(u), float(weights[u]),
+                         errors=tuple(errors[u][lv] for lv in space.levels_for(u)) if errors else None)
+                   for u in units)
     search = SimpleNamespace(sampler=name, n_startup_trials=8)
     return registry_sampler(search, seed, Space(params, SpaceBudget(space.budget.target, space.budget.tolerance)))
 
@@ -202,9 +216,11 @@ def run_search(draw: Draw, target: float, m: Method, n_trials: int, seed: int,
     space = draw.space(target, m.over_budget)
     weights = draw.weights
     study = optuna.create_study(direction="maximize",
-                                sampler=make_sampler(m.sampler, seed, space, draw.names, weights, n_trials))
+                                sampler=make_sampler(m.sampler, seed, space, draw.names, weights, n_trials,
+                                                     draw.errors))
     if not m.error_seed:
         seeds = [(name, p) for name, p in seeds if name != "error-dp"]
+    guided = uses_attribution(m.sampler)
     for _, policy in (seeds if m.seeded else seeds[:1]):
         study.enqueue_trial(policy_indices(policy, space))
     trials: list[tuple[PruningPolicy, TrialScore]] = []
@@ -212,7 +228,9 @@ def run_search(draw: Draw, target: float, m: Method, n_trials: int, seed: int,
     def fn(trial: optuna.Trial) -> float:
         params = {u: trial.suggest_int(u, 0, len(space.levels_for(u)) - 1) for u in draw.names}
         policy = fit_to_budget(params_to_policy(params, space, draw.names), space, weights)
-        score = draw.score(target, policy)
+        score = draw.score(target, policy, attribution=guided)
+        if guided:
+            trial.set_user_attr(ATTRIBUTION_ATTR, dict(score.attribution))
         trials.append((policy, score))
         return objective(score, m.fidelity, m.lam)
 
@@ -251,6 +269,16 @@ def run_method(draw: Draw, target: float, m: Method, n_trials: int, seed: int,
     return Outcome(draw.heldout(target, policy), score.accuracy, score.mean_sparsity, i + 1, policy, trials)
 
 
+def timed_method(draw: Draw, target: float, m: Method, n_trials: int, seed: int,
+                 seeds: list[tuple[str, PruningPolicy]], sweep: int) -> Outcome:
+    """`run_method`, with the mean seconds of the trials it scored itself (cached seed points not counted)."""
+    s0, n0 = draw.scored_s, draw.scored
+    out = run_method(draw, target, m, n_trials, seed, seeds, sweep)
+    n = draw.scored - n0
+    out.trial_s = (draw.scored_s - s0) / n if n else math.nan
+    return out
+
+
 def main() -> None:
     """Run the benchmark and print its tables."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -266,7 +294,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=64)
     ap.add_argument("--heldout-size", type=int, default=512)
     ap.add_argument("--fidelity", default="kl", help="the default search's fidelity (and the baselines')")
-    ap.add_argument("--sampler", default="evolution", help="the default search's sampler")
+    ap.add_argument("--sampler", default="guided", help="the default search's sampler")
     ap.add_argument("--lam", type=float, default=None, help="the default search's SRM weight (default: the experiment's)")
     ap.add_argument("--lams", default="0,0.5,1,2", help="SRM weights of the re-selection sweep")
     ap.add_argument("--methods", default="all", help="comma list of row names to run (substring match), or all")
@@ -322,7 +350,7 @@ def main() -> None:
             for target in budgets:
                 seeds = seed_policies(draw.space(target), draw.units, draw.weights, draw.outliers, errors=draw.errors)
                 for m in rows:
-                    out = run_method(draw, target, m, args.trials, seed, seeds, args.sweep)
+                    out = timed_method(draw, target, m, args.trials, seed, seeds, args.sweep)
                     results.setdefault((target, m.name), []).append(out)
                     if m is default:
                         for x in lams:
@@ -335,7 +363,7 @@ def main() -> None:
                     fidsel.setdefault((target, fid), []).append(draw.heldout(target, trials[pick(trials, fid, 0.0)][0]))
                 if args.save:
                     save_draw(args.save, seed, target, rows, results, resel, fidsel, lams,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, pooled=args.methods == "all")
                 print(f"draw {seed} budget {target:g}: " + ", ".join(
                     f"{m.name.split(' (')[0]} {results[(target, m.name)][-1].heldout:.3f}" for m in rows)
                     + f" ({time.perf_counter() - start:.0f}s)", flush=True)
@@ -347,17 +375,21 @@ def main() -> None:
         write_markdown(args.out, md, wall)
 
 
-FIGURES = ("heldout", "fewshot_accuracy", "mean_sparsity", "trials_to_best")
+FIGURES = ("heldout", "fewshot_accuracy", "mean_sparsity", "trials_to_best", "trial_s")
 
 
 def save_draw(path: str, seed: int, target: float, rows: list[Method], results: dict[tuple[float, str], list[Outcome]],
               resel: dict[tuple[float, float], list[float]], fidsel: dict[tuple[float, str], list[float]],
-              lams: list[float], wall: float) -> None:
-    """Append one (draw, budget)'s figures as a JSON line (what --load needs to make the tables)."""
+              lams: list[float], wall: float, pooled: bool = True) -> None:
+    """Append one (draw, budget)'s figures as a JSON line (what --load needs to make the tables).
+
+    A run of some rows only (`--methods`) saves no fidelity-alone figures (`pooled` False): its pool
+    would miss the other searches' policies, so --load keeps those of the full run."""
     line = {"seed": seed, "target": target, "wall_s": wall,
             "methods": {m.name: {k: getattr(results[(target, m.name)][-1], k) for k in FIGURES} for m in rows},
-            "lams": {str(x): resel[(target, x)][-1] for x in lams if (target, x) in resel},
-            "fidelity": {f: fidsel[(target, f)][-1] for f in ("accuracy", "loglik", "kl")}}
+            "lams": {str(x): resel[(target, x)][-1] for x in lams if (target, x) in resel}}
+    if pooled:
+        line["fidelity"] = {f: fidsel[(target, f)][-1] for f in ("accuracy", "loglik", "kl")}
     with open(path, "a") as fh:
         fh.write(json.dumps(line) + "\n")
 
@@ -365,13 +397,19 @@ def save_draw(path: str, seed: int, target: float, rows: list[Method], results: 
 def load_saved(paths: list[str], results: dict[tuple[float, str], list[Outcome]],
                resel: dict[tuple[float, float], list[float]], fidsel: dict[tuple[float, str], list[float]],
                rows: list[Method], budgets: list[float]) -> list[int]:
-    """Fill the result maps from --save files (the last line per draw and budget wins); the draws found."""
+    """Fill the result maps from --save files; the draws found. Lines of one draw and budget are merged in
+    order, a later line's rows (a rerun with --methods) replacing an earlier line's."""
     lines: dict[tuple[int, float], dict[str, Any]] = {}
     for path in paths:
         for text in Path(path).read_text().splitlines():
             if text.strip():
                 d = json.loads(text)
-                lines[(int(d["seed"]), float(d["target"]))] = d
+                key = (int(d["seed"]), float(d["target"]))
+                if key in lines:
+                    old = lines[key]
+                    d = {**old, **d, "methods": {**old["methods"], **d["methods"]},
+                         "lams": d["lams"] or old["lams"], "fidelity": d.get("fidelity", old.get("fidelity"))}
+                lines[key] = d
     draws = sorted({seed for seed, target in lines if target in budgets})
     for (_seed, target), d in sorted(lines.items()):
         if target not in budgets:
@@ -380,7 +418,7 @@ def load_saved(paths: list[str], results: dict[tuple[float, str], list[Outcome]]
             f = d["methods"][m.name]
             results.setdefault((target, m.name), []).append(
                 Outcome(f["heldout"], f["fewshot_accuracy"], f["mean_sparsity"], f["trials_to_best"],
-                        PruningPolicy(())))
+                        PruningPolicy(()), trial_s=f.get("trial_s", math.nan)))
         for x, v in d["lams"].items():
             resel.setdefault((target, float(x)), []).append(v)
         for fid, v in d["fidelity"].items():
@@ -400,6 +438,12 @@ def sum_wall(paths: list[str]) -> float:
     return total
 
 
+def _ms(outs: list[Outcome]) -> str:
+    """Mean milliseconds per scored trial over draws ('-' where a method scored nothing new)."""
+    values = [o.trial_s for o in outs if math.isfinite(o.trial_s)]
+    return f"{1000 * statistics.fmean(values):.0f}" if values else "-"
+
+
 def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -410,7 +454,8 @@ def report(results: dict[tuple[float, str], list[Outcome]], resel: dict[tuple[fl
     """Print the tables (plain, and markdown with --markdown); the markdown lines."""
     md: list[str] = []
     for target in budgets:
-        table = [("method", "trials", "held-out (mean +- sd)", "few-shot acc", "sparsity", "trials to best")]
+        table = [("method", "trials", "held-out (mean +- sd)", "few-shot acc", "sparsity", "trials to best",
+                  "ms / trial")]
         for m in rows:
             outs = results[(target, m.name)]
             n = {"fixed": "1", "sweep": str(2 * args.sweep + 1)}.get(m.kind, str(args.trials * m.scale))
@@ -418,7 +463,7 @@ def report(results: dict[tuple[float, str], list[Outcome]], resel: dict[tuple[fl
             table.append((name, n, mean_std([o.heldout for o in outs]),
                           f"{statistics.fmean(o.fewshot_accuracy for o in outs):.4f}",
                           f"{statistics.fmean(o.mean_sparsity for o in outs):.4f}",
-                          f"{statistics.fmean(o.trials_to_best for o in outs):.1f}"))
+                          f"{statistics.fmean(o.trials_to_best for o in outs):.1f}", _ms(outs)))
         title = f"budget {target:g} mean sparsity, {args.seeds} few-shot draws, held-out n={args.heldout_size}:"
         print(f"\n{title}")
         md += [f"**{title}**", ""]

@@ -35,12 +35,13 @@ from typing import Any, Protocol
 
 import torch
 
+from efficientllava.budget_dp import least_cost_indices
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.bank import VariantBank
 from efficientllava.pruning.reconstruction import reconstruction_errors
 from efficientllava.pruning.units import PART_ROLES, PrunableUnit, parse_unit, prunable_units
-from efficientllava.space import SearchSpace, policy_indices, project, project_indices
+from efficientllava.space import SearchSpace, policy_indices, project
 
 ATTN_PARTS = frozenset(p for p, roles in PART_ROLES.items() if set(roles) <= set(PART_ROLES["attn"]))
 MLP_PARTS = frozenset(p for p, roles in PART_ROLES.items() if set(roles) <= set(PART_ROLES["mlp"]))
@@ -161,10 +162,8 @@ def error_dp(space: SearchSpace, units: Units, weights: Mapping[str, int],
              errors: Mapping[str, Mapping[float, float]]) -> PruningPolicy:
     """The levels with the least summed reconstruction error whose weighted mean lies in the budget band.
 
-    `errors[unit][level]` as `pruning.reconstruction.reconstruction_errors` gives. A knapsack DP over
-    the weighted level sum, quantised to q = band width x total weight / (4 x units): rounding moves the
-    sum by at most a quarter of the band, so states are kept a quarter inside it and the result is
-    checked exactly (then projected, never needed in practice). Deterministic (ties: lower levels first).
+    `errors[unit][level]` as `pruning.reconstruction.reconstruction_errors` gives; the knapsack DP of
+    `budget_dp.least_cost_indices` (in the band by construction; deterministic).
     """
     names = [u.name for u in _units(units)]
     levels = [tuple(space.levels_for(u)) for u in names]
@@ -174,41 +173,13 @@ def error_dp(space: SearchSpace, units: Units, weights: Mapping[str, int],
             raise PolicyError(f"error DP: no reconstruction error for unit {u!r} at level {missing[0]:g}")
         if u not in weights:
             raise PolicyError(f"error DP: no parameter count for unit {u!r}")
-    w = [float(weights[u]) for u in names]
-    total = math.fsum(w)
     budget = space.budget
-    lo, hi = budget.floor * total, budget.ceiling * total  # bounds on the weighted level sum
-    base = math.fsum(wi * min(lvs) for wi, lvs in zip(w, levels, strict=True))
-    q = max((hi - lo) / (4 * len(names)), total * 1e-7)
-    shifts = [[round(wi * (lv - min(lvs)) / q) for lv in lvs] for wi, lvs in zip(w, levels, strict=True)]
-    size = sum(max(s) for s in shifts) + 1
-    best = torch.full((size,), math.inf, dtype=torch.float64)
-    best[0] = 0.0
-    back = []
-    for u, lvs, sh in zip(names, levels, shifts, strict=True):
-        new = torch.full_like(best, math.inf)
-        arg = torch.zeros(size, dtype=torch.int8 if len(lvs) <= 127 else torch.int16)  # 224 units x 4e5 states on 7B
-        for k, (lv, s) in enumerate(zip(lvs, sh, strict=True)):
-            cand = torch.full_like(best, math.inf)
-            cand[s:] = best[: size - s] + float(errors[u][lv])
-            better = cand < new
-            new = torch.where(better, cand, new)
-            arg[better] = k
-        best = new
-        back.append(arg)
-    sums = base + torch.arange(size, dtype=torch.float64) * q
-    margin = (hi - lo) / 4
-    ok = (sums >= lo + margin) & (sums <= hi - margin) & torch.isfinite(best)
-    if not bool(ok.any()):
-        raise PolicyError(f"error DP: no levels reach the budget band [{budget.floor:g}, {budget.ceiling:g}]")
-    state = int(torch.where(ok, best, torch.full_like(best, math.inf)).argmin())
-    idx = []
-    for arg, sh in zip(reversed(back), reversed(shifts), strict=True):
-        k = int(arg[state])
-        idx.append(k)
-        state -= sh[k]
-    idx.reverse()
-    idx = project_indices(levels, idx, w, budget.floor, budget.ceiling, names=names)
+    costs = [[float(errors[u][lv]) for lv in lvs] for u, lvs in zip(names, levels, strict=True)]
+    try:
+        idx = least_cost_indices(levels, [float(weights[u]) for u in names], costs, budget.floor, budget.ceiling,
+                                 names=names)
+    except PolicyError as exc:
+        raise PolicyError(f"error DP: {exc}") from None
     return PruningPolicy(tuple((u, lvs[k]) for u, lvs, k in zip(names, levels, idx, strict=True)))
 
 
@@ -253,15 +224,17 @@ def seed_policies(space: SearchSpace, units: Units, weights: Mapping[str, int],
 
 
 def seed_points(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], space: SearchSpace,
-                weights: Mapping[str, int], bank: VariantBank | None = None) -> dict[str, dict[str, int]]:
+                weights: Mapping[str, int], bank: VariantBank | None = None,
+                errors: Mapping[str, Mapping[float, float]] | None = None) -> dict[str, dict[str, int]]:
     """Round 0's named seed points as level indices of `space` (run where the model and few-shot set are).
 
     The model's units at the space's granularity, OWL's outlier ratios from `batches`, the
-    reconstruction errors of `bank`'s variants (when a bank of `space`'s levels is given), then
-    `seed_policies`; each point is `{unit: index of its level}`, what a trial's params hold.
+    reconstruction errors (`errors`, or those of `bank`'s variants when a bank of `space`'s levels is
+    given), then `seed_policies`; each point is `{unit: index of its level}`, what a trial's params hold.
     """
     units = prunable_units(model, space.granularity)
     outliers = owl_outlier_ratios(model, batches, units)
-    errors = reconstruction_errors(model, batches, bank, units) if bank is not None else None
+    if errors is None and bank is not None:
+        errors = reconstruction_errors(model, batches, bank, units)
     return {name: policy_indices(policy, space)
             for name, policy in seed_policies(space, units, weights, outliers, errors=errors)}

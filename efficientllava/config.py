@@ -80,9 +80,9 @@ class SearchConfig:
     trials_per_round: int = field(default=24, metadata=_rule(ge=1))
     max_concurrent: int = field(default=2, metadata=_rule(ge=1))
     seed: int = 0
-    # The budget-preserving evolution: level with TPE and ahead of GP and random search at sublayer granularity,
-    # ahead of all three at matrix granularity, at an equal trial budget in benchmarks/search_quality.py.
-    sampler: str = field(default="evolution", metadata=_rule(choices=sampler_names))
+    # The attribution-guided DP (budget-preserving evolution until trials report attributions): the best held-out
+    # policies at an equal trial budget in benchmarks/search_quality.py (README, Search quality).
+    sampler: str = field(default="guided", metadata=_rule(choices=sampler_names))
     n_startup_trials: int = field(default=8, metadata=_rule(ge=0))
     uniform_first: bool = True  # round 0 starts with the uniform policy at the budget (the baseline)
     # ... and error DP (allocations.error_dp) next: its table reads every variant of round 0's bank once,

@@ -14,7 +14,15 @@ import pandas as pd
 from efficientllava.atomic import write_json_atomic
 from efficientllava.errors import DamagedFileError
 from efficientllava.experiment import open_experiment
-from efficientllava.search.api import METRIC, POLICY_PREFIX, STATUSES, Objective, RoundState, TrialStatus
+from efficientllava.search.api import (
+    ATTRIBUTION_PREFIX,
+    METRIC,
+    POLICY_PREFIX,
+    STATUSES,
+    Objective,
+    RoundState,
+    TrialStatus,
+)
 
 # Leading columns, in order; result terms and policy/param columns follow.
 BASE_COLUMNS = ("round", "number", "status", "objective")
@@ -95,7 +103,8 @@ def load_trials(experiment_dir: str | Path) -> pd.DataFrame:
 
     Columns: round, number (int64), status (category: COMPLETE | ERROR), objective and every other
     term the problem reported (float64, or Int64 when every value is an integer; NaN for errored
-    trials), `policy/<unit>` (float64), `param/<name>` (the sampled parameters), retry_of (Int64,
+    trials), `policy/<unit>` (float64), `attribution/<unit>` (each unit's share of the KL, when the
+    sampler asked for it), `param/<name>` (the sampled parameters), retry_of (Int64,
     <NA> if not a retry), eval_s, wall_s (float64), error (str or <NA>), trial_id, worker (the worker
     that evaluated it), started_at, finished_at (unix seconds).
     """
@@ -129,8 +138,9 @@ def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             df[col] = pd.to_numeric(df[col]).astype("float64")
     policy = sorted(c for c in df.columns if c.startswith(POLICY_PREFIX))
     params = sorted(c for c in df.columns if c.startswith("param/"))
-    terms = [c for c in df.columns if c not in (*BASE_COLUMNS, *META_COLUMNS) and c not in policy + params]
-    df = df[[*BASE_COLUMNS, *terms, *policy, *params, *META_COLUMNS]]
+    shares = sorted(c for c in df.columns if c.startswith(ATTRIBUTION_PREFIX))
+    terms = [c for c in df.columns if c not in (*BASE_COLUMNS, *META_COLUMNS) and c not in policy + params + shares]
+    df = df[[*BASE_COLUMNS, *terms, *policy, *shares, *params, *META_COLUMNS]]
     return df.sort_values(["round", "number"], kind="stable").reset_index(drop=True)
 
 
@@ -205,7 +215,7 @@ def write_best_policy(experiment_dir: str | Path, objectives: Sequence[Objective
     rec = best_record(exp.root)
     if rec is None:
         return None
-    terms = {k: v for k, v in rec["result"].items() if not k.startswith(POLICY_PREFIX)}
+    terms = {k: v for k, v in rec["result"].items() if not k.startswith((POLICY_PREFIX, ATTRIBUTION_PREFIX))}
     out = {
         **terms,
         "policy": policy_of(rec),

@@ -42,7 +42,7 @@ def test_minimal_config_gets_defaults_and_resolves_space(tmp_path, space_file):
     assert cfg.model.spec == "tiny" and cfg.model.dtype == "auto"
     assert cfg.data == DataConfig()
     assert (cfg.search.rounds, cfg.search.trials_per_round, cfg.search.max_concurrent) == (2, 24, 2)
-    assert cfg.search.sampler == "evolution" and cfg.search.n_startup_trials == 8
+    assert cfg.search.sampler == "guided" and cfg.search.n_startup_trials == 8
     assert cfg.objective.aggregate == "geometric_mean"
     assert cfg.resources.cpu == 1.0 and cfg.resources.gpu == 0.0
     assert cfg.storage == "runs" and cfg.eval.batch_size == 32

@@ -124,6 +124,9 @@ def test_search_trials_export_resume_on_tiny(tmp_path):
         assert {"uniform", "error-dp"} <= seeded, seeded
         studies = study_trials(root)
         assert all(len(ts) == TRIALS and all(t.state.name == "COMPLETE" for t in ts) for ts in studies.values())
+        # The default (guided) sampler got every trial's per-unit KL shares, through Tune, on the study.
+        assert all(len(t.user_attrs["attribution"]) == len(t.params) for ts in studies.values() for t in ts)
+        assert (root / "errors" / "round-0.json").is_file()
 
         space0 = load_space(root / "spaces" / "round-0.yaml")
         units = space0.unit_names(LAYERS)

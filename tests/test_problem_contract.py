@@ -74,3 +74,14 @@ def test_round_0_starts_with_uniform_then_error_dp_from_round_0s_own_bank(tmp_pa
     worker.enter_round(state, pickle.loads(pickle.dumps(driver.round_inputs(state, ctx))))
     # error DP built round 0's bank, and round 0 opened that same bank instead of building another
     assert len([p for p in (tmp_path / "home" / "banks").iterdir() if p.is_dir()]) == 1
+    # The error table error DP read reaches the driver's space (the guided sampler's damage curves).
+    params = driver.space(state, ctx).params
+    if error_dp:
+        assert all(p.errors is not None and p.errors[0] == 0.0 < p.errors[-1] for p in params)
+        assert state.payload["errors"] == "errors/round-0.json"
+    else:
+        assert all(p.errors is None for p in params) and "errors" not in state.payload
+    # The default sampler reads attributions, so a trial reports each unit's share of its KL.
+    result = worker.evaluate(driver.seed_points(state, ctx)["uniform"], state)
+    shares = {k: v for k, v in result.items() if k.startswith("attribution/")}
+    assert set(shares) == {f"attribution/{p.name}" for p in params} and sum(shares.values()) > 0

@@ -100,6 +100,7 @@ def _record(exp, number: int, x: int, status: str) -> None:
     write_json_atomic(exp.trial_path(0, number), {
         "round": 0, "number": number, "status": status, "params": {"x_0": x},
         "objective": float(-x) if status == "COMPLETE" else None,
+        "result": {"attribution/x_0": float(x)} if status == "COMPLETE" else None,
         "error": None if status == "COMPLETE" else "ValueError: boom",
     })
 
@@ -127,6 +128,7 @@ def test_reconcile_tells_fails_and_reenqueues_once(tmp_path):
     assert (p.done, p.remaining) == (2, 4)  # trials 0 and 1; the re-enqueued three run again
     after = open_study(exp, 0).get_trials()
     assert after[1].state == TrialState.COMPLETE and after[1].value == -1.0
+    assert after[1].user_attrs["attribution"] == {"x_0": 1.0}  # told from the record, attributions too
     assert [t.state for t in after[2:5]] == [TrialState.FAIL] * 3
     waiting = [t for t in after if t.state == TrialState.WAITING]
     assert [(t.user_attrs["retry_of"], t.user_attrs["retry_reason"]) for t in waiting] == [

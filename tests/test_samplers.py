@@ -21,7 +21,7 @@ from efficientllava.search.study import open_study
 from efficientllava.trials import load_trials
 
 TOY = "efficientllava.testing.toy:QuadraticProblem"
-BUILTINS = ("cmaes", "gp", "nsga2", "random", "tpe")
+BUILTINS = ("cmaes", "gp", "guided", "nsga2", "random", "tpe")
 SPACE = {"params": {"x_0": [0, 9], "x_1": [0, 9], "x_2": [0, 5]}, "weights": {"x_0": 2.0, "x_1": 1.0, "x_2": 1.0},
          "budget": {"target": 3.0, "tolerance": 0.5}}
 SEEN: list[tuple[object, int, Space]] = []
@@ -98,6 +98,9 @@ def test_every_builtin_sampler_runs_a_two_trial_search(tmp_path, ray_cluster, na
     assert len(study.directions) == (2 if name == "nsga2" else 1)
     best = json.loads((root / "best_policy.json").read_text())
     assert best["objective"] == df["objective"].max()
+    if name == "guided":  # the toy's attributions reached the study through Tune (what the sampler reads)
+        assert all(set(t.user_attrs["attribution"]) == {"x_0", "x_1", "x_2"} for t in study.trials)
+        assert "attribution/x_0" in df.columns
     if name == "nsga2":  # a true two-objective search: objective up, kept fraction down
         assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
         assert all(len(t.values) == 2 for t in study.trials)

@@ -36,7 +36,10 @@ from efficientllava.problem.session import (
     bank_cache_dir,
     resolved_space,
 )
+from efficientllava.pruning.reconstruction import reconstruction_errors
+from efficientllava.pruning.units import prunable_units
 from efficientllava.search.api import (
+    ATTRIBUTION_PREFIX,
     DEFAULT_OBJECTIVES,
     METRIC,
     POLICY_PREFIX,
@@ -49,12 +52,14 @@ from efficientllava.search.api import (
     SpaceBudget,
     TrialStatus,
 )
+from efficientllava.search.samplers import uses_attribution
 from efficientllava.space import SearchSpace, load_space, policy_indices, space_from_dict
 
 log = get_logger(__name__)
 MODEL_FILE = "model.json"
 FIRST_SPACE = "spaces/round-0.yaml"
 FIRST_SEEDS = "seeds/round-0.json"
+FIRST_ERRORS = "errors/round-0.json"  # each unit's reconstruction error per level (round 0's bank)
 SEEDS_FROM_PREVIOUS_ROUND = 3  # a round > 0 starts from this many of the previous round's best policies
 
 
@@ -72,6 +77,16 @@ def _read_seeds(path: Path) -> dict[str, dict[str, int]]:
     return {entry["name"]: entry["point"] for entry in data}
 
 
+def _write_errors(path: Path, errors: Mapping[str, Mapping[float, float]]) -> None:
+    """The reconstruction-error table as `{unit: [[level, error], ...]}` (JSON keys cannot be floats)."""
+    write_json_atomic(path, {u: [[float(lv), float(e)] for lv, e in sorted(curve.items())] for u, curve in errors.items()})
+
+
+def _read_errors(path: Path) -> dict[str, dict[float, float]]:
+    """Read back `_write_errors`."""
+    return {u: {float(lv): float(e) for lv, e in curve} for u, curve in json.loads(path.read_text()).items()}
+
+
 def _write_space(space: SearchSpace, path: Path) -> None:
     """A space YAML that `load_space` reads back to an equal space (atomic: resume reads it)."""
     write_text_atomic(path, yaml.safe_dump(space.to_dict(), sort_keys=False))
@@ -86,6 +101,9 @@ class PruningProblem:
         self.config = config
         self._session: WorkerSession | None = None
         self._spaces: dict[Path, SearchSpace] = {}
+        self._errors: dict[Path, dict[str, dict[float, float]]] = {}
+        # Attributions cost a backward pass per trial: computed only for a sampler that reads them.
+        self._attribution = uses_attribution(config.search.sampler)
 
     @staticmethod
     def check_config(config: ExperimentConfig) -> None:
@@ -129,16 +147,37 @@ class PruningProblem:
             # Uniform, error DP, OWL, depth slopes and attention/MLP splits at the budget (allocations.py):
             # round 0's first trials, so every search starts from the allocations it must beat. They need the
             # model, activations and a bank, so they are computed once on a worker and kept in the directory.
-            _write_seeds(ctx.root / FIRST_SEEDS, ctx.call("known_allocations", space.to_dict()))
+            known = ctx.call("known_allocations", space.to_dict())
+            _write_seeds(ctx.root / FIRST_SEEDS, known["seeds"])
             payload["seeds"] = FIRST_SEEDS
+            if known.get("errors"):  # carried to every round's payload: the guided sampler's damage curves
+                _write_errors(ctx.root / FIRST_ERRORS, known["errors"])
+                payload["errors"] = FIRST_ERRORS
         return RoundState(0, payload)
 
     def space(self, state: RoundState, ctx: DriverContext) -> Space:
-        """One ordinal parameter per unit: the index of its level; weight = the unit's parameter count."""
+        """One ordinal parameter per unit: the index of its level; weight = the unit's parameter count; errors =
+        its reconstruction error per level (round 0's table, where it covers the unit's levels)."""
         space, weights = self._search_space(state, ctx), self._unit_params(ctx)
-        params = tuple(Param(u, 0, len(levels) - 1, levels=levels, weight=float(weights[u]))
-                       for u, levels in space.unit_levels)
+        table = self._error_table(state, ctx)
+
+        def errors(u: str, levels: Sequence[float]) -> tuple[float, ...] | None:
+            curve = table.get(u, {})
+            return tuple(curve[lv] for lv in levels) if all(lv in curve for lv in levels) else None
+
+        params = tuple(Param(u, 0, len(levels) - 1, levels=levels, weight=float(weights[u]),
+                             errors=errors(u, levels)) for u, levels in space.unit_levels)
         return Space(params, SpaceBudget(space.budget.target, space.budget.tolerance))
+
+    def _error_table(self, state: RoundState, ctx: DriverContext) -> dict[str, dict[float, float]]:
+        """The reconstruction-error table the round's payload names (empty when none was computed)."""
+        rel = state.payload.get("errors")
+        if not rel:
+            return {}
+        path = ctx.root / rel
+        if path not in self._errors:
+            self._errors[path] = _read_errors(path)
+        return self._errors[path]
 
     def seed_points(self, state: RoundState, ctx: DriverContext) -> dict[str, dict[str, int]]:
         """The round's first trials: round 0 the known allocations (uniform first), a later round the previous
@@ -269,8 +308,9 @@ class PruningProblem:
         return {"num_layers": pipeline.num_layers, "granularity": granularity,
                 "unit_params": pipeline.cost_model(granularity).unit_param_counts()}
 
-    def known_allocations(self, space: dict[str, Any]) -> dict[str, dict[str, int]]:
-        """Uniform, error DP, OWL, depth slopes and attention/MLP splits on `space` (round 0's) as level indices.
+    def known_allocations(self, space: dict[str, Any]) -> dict[str, Any]:
+        """Uniform, error DP, OWL, depth slopes and attention/MLP splits on `space` (round 0's) as level indices
+        (`seeds`), and the reconstruction-error table error DP read (`errors`, `{unit: {level: error}}`).
 
         Error DP reads round 0's bank (the checkpoint's projector, the space's levels): it is built
         here, once, and round 0 then opens the same bank (`allocations.py`, `pruning.reconstruction`).
@@ -280,17 +320,19 @@ class PruningProblem:
         resolved = space_from_dict(space)
         weights = pipeline.cost_model(resolved.granularity).unit_param_counts()
         if not self.config.search.error_dp:
-            return seed_points(pipeline.model, pipeline.fewshot_batches, resolved, weights)
+            return {"seeds": seed_points(pipeline.model, pipeline.fewshot_batches, resolved, weights), "errors": {}}
         session.set_projector(None)  # round 0 calibrates with the checkpoint's projector
         try:
             t0 = time.perf_counter()
             bank = pipeline.bank(resolved, bank_cache_dir(), CHECKPOINT_PROJECTOR, log=False)
             t1 = time.perf_counter()
-            points = seed_points(pipeline.model, pipeline.fewshot_batches, resolved, weights, bank)
+            units = prunable_units(pipeline.model, resolved.granularity)
+            errors = reconstruction_errors(pipeline.model, pipeline.fewshot_batches, bank, units)
+            points = seed_points(pipeline.model, pipeline.fewshot_batches, resolved, weights, errors=errors)
             log.info(f"round 0: variant bank {bank.fingerprint} ready in {t1 - t0:.1f}s, seed points in "
                      f"{time.perf_counter() - t1:.1f}s (error DP read its "
                      f"{sum(len(bank.nonzero_levels(u)) for u in bank.unit_levels)} variants)")
-            return points
+            return {"seeds": points, "errors": errors}
         finally:
             if session.inputs is not None:  # a live round's projector goes back in
                 session.set_projector(session.inputs.projector)
@@ -305,10 +347,11 @@ class PruningProblem:
         if session.inputs is None or session.inputs.round != state.round or session.scorer is None:
             raise RuntimeError(f"worker is not in round {state.round}; enter_round first")
         raw, policy = session.policy(params)
-        score = session.scorer.score(policy)
+        score = session.scorer.score(policy, attribution=self._attribution)
         return {
             **score.as_dict(),
             **{f"{POLICY_PREFIX}{u}": r for u, r in policy.ratios},
+            **{f"{ATTRIBUTION_PREFIX}{u}": a for u, a in score.attribution},
             "policy_key": policy.key,
             "repaired": policy != raw,
             "projector_version": session.inputs.projector_version,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,11 @@ def _open_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.log_softmax(answer_token_logits(model, batch)[0], dim=1)
 
 
+def answer_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's answer log-probabilities on `batch` (options: [batch, options]; open: [tokens, vocab])."""
+    return _choice_logprobs(model, batch) if batch_kind(batch) == "choice" else _open_logprobs(model, batch)
+
+
 @torch.no_grad()
 def dense_reference(model: Any, batches: list[dict[str, torch.Tensor]]) -> DenseReference:
     """The dense model's distributions and targets on `batches` (run on the unpruned model)."""
@@ -152,16 +158,20 @@ def dense_reference(model: Any, batches: list[dict[str, torch.Tensor]]) -> Dense
     return DenseReference(tuple(out), n)
 
 
-def _kl_rows(ref: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+def kl_rows(ref: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """KL(ref || new) per row of log-probabilities; entries where ref is -inf (probability 0) add nothing."""
     p = ref.exp()
     terms = torch.where(torch.isfinite(ref), p * (ref - new), torch.zeros_like(ref))
     return terms.sum(1)
 
 
-@torch.no_grad()
-def evaluate_fidelity(model: Any, batches: list[dict[str, torch.Tensor]], reference: DenseReference) -> FidelityResult:
-    """Every fidelity signal of `model` on `batches` against the dense `reference` of the same batches."""
+def evaluate_fidelity(model: Any, batches: list[dict[str, torch.Tensor]], reference: DenseReference,
+                      backward: Callable[[torch.Tensor], None] | None = None) -> FidelityResult:
+    """Every fidelity signal of `model` on `batches` against the dense `reference` of the same batches.
+
+    With `backward`, the forward runs with gradients and `backward(kl)` is called on each batch's summed
+    KL tensor (`scoring.attribution` puts its backward pass on this same forward).
+    """
     if len(reference.batches) != len(batches):
         raise ValueError(f"the dense reference covers {len(reference.batches)} batches, not {len(batches)}")
     start = time.perf_counter()
@@ -169,21 +179,29 @@ def evaluate_fidelity(model: Any, batches: list[dict[str, torch.Tensor]], refere
     loglik: list[float] = []
     kl: list[float] = []
     for batch, ref in zip(batches, reference.batches, strict=True):
+        with torch.enable_grad() if backward is not None else torch.no_grad():
+            if batch_kind(batch) == "choice":
+                logprobs = _choice_logprobs(model, batch)
+                rows = kl_rows(ref.logprobs, logprobs)
+            else:
+                logits, sample = answer_token_logits(model, batch)
+                logprobs = torch.log_softmax(logits, dim=1)
+                rows = kl_rows(ref.logprobs, logprobs)
+            if backward is not None:
+                backward(rows.sum())
+        logprobs, rows = logprobs.detach(), rows.detach()
         if batch_kind(batch) == "choice":
-            logprobs = _choice_logprobs(model, batch)
             picked = logprobs.gather(1, ref.targets[:, None]).squeeze(1)
             correct.extend((logprobs.argmax(1) == ref.targets).tolist())
             loglik.extend(picked.tolist())
-            kl.extend(_kl_rows(ref.logprobs, logprobs).tolist())
+            kl.extend(rows.tolist())
         else:
-            logits, sample = answer_token_logits(model, batch)
-            logprobs = torch.log_softmax(logits, dim=1)
             size = batch["answer_ids"].shape[0]
             token_ll = logprobs.gather(1, ref.targets[:, None]).squeeze(1)
             wrong = (logprobs.argmax(1) != ref.targets).float()
             sums = torch.zeros(3, size, device=logprobs.device)
             sums[0].index_add_(0, sample, token_ll)
-            sums[1].index_add_(0, sample, _kl_rows(ref.logprobs, logprobs))
+            sums[1].index_add_(0, sample, rows)
             sums[2].index_add_(0, sample, wrong)
             loglik.extend(sums[0].tolist())
             kl.extend(sums[1].tolist())

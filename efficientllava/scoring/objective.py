@@ -18,6 +18,7 @@ import torch
 from efficientllava.policy import PruningPolicy
 from efficientllava.pruning.bank import VariantBank
 from efficientllava.pruning.materialize import Materializer
+from efficientllava.scoring.attribution import kl_attributions
 from efficientllava.scoring.cost import CostModel, measure_latency
 from efficientllava.scoring.fidelity import DenseReference, check_fidelity, dense_reference, evaluate_fidelity
 from efficientllava.scoring.srm import SRMConfig, capacity, generalization_gap, log_norm_ratios
@@ -51,10 +52,14 @@ class TrialScore:
     loglik: float = math.nan  # mean log-likelihood of the right answer (nats)
     kl: float = math.nan  # mean KL(dense || pruned) of the answer distributions (nats)
     labelled: bool = True  # False: accuracy is agreement with the dense model's answers
+    # Per-unit shares of the KL (`scoring.attribution`), when asked for: ((unit, share), ...).
+    attribution: tuple[tuple[str, float], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        """Flat dict of the terms (for tune.report and trial tables)."""
-        return dataclasses.asdict(self)
+        """Flat dict of the scalar terms (for tune.report and trial tables; `attribution` is left out)."""
+        out = dataclasses.asdict(self)
+        del out["attribution"]
+        return out
 
 
 class PolicyScorer:
@@ -94,8 +99,11 @@ class PolicyScorer:
         cap = capacity(logs, self.srm.aggregate)
         return cap, generalization_gap(cap, self.n_samples, self.srm.delta, self.srm.scale)
 
-    def score(self, policy: PruningPolicy, latency: bool = False) -> TrialScore:
-        """Materialise `policy`, evaluate it on the few-shot batches, restore the dense model."""
+    def score(self, policy: PruningPolicy, latency: bool = False, attribution: bool = False) -> TrialScore:
+        """Materialise `policy`, evaluate it on the few-shot batches, restore the dense model.
+
+        With `attribution`, also split its KL per unit (one backward pass, `scoring.attribution`).
+        """
         policy.validate(self.cost_model.unit_names)
         cost = self.cost_model.cost(policy)
         mean = policy.mean_sparsity(self.weights)
@@ -107,12 +115,18 @@ class PolicyScorer:
         nan = math.nan
         terms = {"accuracy": nan, "soft_accuracy": nan, "loglik": nan, "kl": nan, "fidelity_value": nan}
         eval_s, lat, labelled = 0.0, None, True
+        shares: tuple[tuple[str, float], ...] = ()
         if rejected:  # not evaluated: scored below any evaluated policy, graded by how far it misses
             objective = REJECTED - (budget.floor - mean)  # type: ignore[union-attr]
         else:
             reference = self.reference
             with self.materializer.applied(policy):
-                result = evaluate_fidelity(self.model, self.batches, reference)
+                if attribution:  # the backward pass shares the scoring forward
+                    split, result = kl_attributions(self.model, self.batches, reference, self.materializer.weights,
+                                                    self.materializer.dense, self.bank.unit_linears)
+                    shares = tuple((u, split[u]) for u, _ in policy.ratios if u in split)
+                else:
+                    result = evaluate_fidelity(self.model, self.batches, reference)
                 lat = measure_latency(self.model, self.batches[:1]) if latency else None
             value = result.value(self.fidelity)
             terms = {"accuracy": result.accuracy, "soft_accuracy": result.soft_accuracy, "loglik": result.loglik,
@@ -123,4 +137,4 @@ class PolicyScorer:
                           mean_sparsity=mean, kept_fraction=cost.kept_fraction, within_budget=within,
                           budget_penalty=penalty, flops_per_sample=cost.flops_per_sample,
                           flops_speedup=cost.flops_speedup, n_samples=self.n_samples, eval_s=eval_s, latency_s=lat,
-                          fidelity=self.fidelity, labelled=labelled)
+                          fidelity=self.fidelity, labelled=labelled, attribution=shares)

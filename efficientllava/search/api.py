@@ -37,6 +37,11 @@ METRIC = "objective"  # the scalar every problem reports and every search maximi
 MODE = "max"
 SIZE_METRIC = "kept_fraction"  # the second objective of multi-objective samplers (minimised)
 POLICY_PREFIX = "policy/"  # result keys `policy/<unit>` name the policy a trial scored (best_policy.json)
+# Result keys `attribution/<param>`: a trial's estimate of each parameter's share of the damage its point
+# does (the pruning problem: each unit's share of the KL to the dense model). The engine stores them
+# on the Optuna trial (user attr ATTRIBUTION_ATTR) for samplers that model the objective from them.
+ATTRIBUTION_PREFIX = "attribution/"
+ATTRIBUTION_ATTR = "attribution"
 
 
 class TrialStatus(str, enum.Enum):
@@ -99,7 +104,9 @@ class Param:
     """One integer parameter chosen in [low, high]; value v means `levels[v - low]` (v itself without levels).
 
     `weight` is the parameter's share of the budget (a prunable unit's parameter count), so a
-    budget-aware sampler can move mass between parameters without leaving the budget.
+    budget-aware sampler can move mass between parameters without leaving the budget. `errors`, when
+    known, is a damage estimate per value (a unit's reconstruction error at each level, 0 or more),
+    the curve a model-based sampler scales by what trials measure.
     """
 
     name: str
@@ -107,6 +114,7 @@ class Param:
     high: int
     levels: tuple[float, ...] | None = None
     weight: float = 1.0
+    errors: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         """Validate the range, the levels and the weight."""
@@ -121,6 +129,12 @@ class Param:
                                  f"{self.high - self.low + 1} values")
         if not (math.isfinite(self.weight) and self.weight > 0):
             raise ValueError(f"parameter {self.name}: weight {self.weight!r} must be a number > 0")
+        if self.errors is not None:
+            object.__setattr__(self, "errors", tuple(float(v) for v in self.errors))
+            if len(self.errors) != self.high - self.low + 1 or not all(
+                    math.isfinite(v) and v >= 0 for v in self.errors):
+                raise ValueError(f"parameter {self.name}: errors need one finite value >= 0 per value, got "
+                                 f"{len(self.errors)} for {self.high - self.low + 1} values")
 
     @property
     def values(self) -> range:

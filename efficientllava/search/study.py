@@ -24,7 +24,14 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from efficientllava.experiment import ExperimentDir
-from efficientllava.search.api import METRIC, Objective, Space, TrialStatus
+from efficientllava.search.api import (
+    ATTRIBUTION_ATTR,
+    ATTRIBUTION_PREFIX,
+    METRIC,
+    Objective,
+    Space,
+    TrialStatus,
+)
 from efficientllava.search.samplers import make_sampler
 from efficientllava.search.trainable import NUMBER_KEY, RETRY_KEY, SEED_KEY
 from efficientllava.trials import read_record
@@ -36,6 +43,7 @@ ATTR_RETRY_OF = "retry_of"
 ATTR_RETRY_REASON = "retry_reason"  # "interrupted" | "error"
 ATTR_SEED = "seed"  # name of a seed point the problem asked to evaluate first
 ATTR_ERROR = "error"
+TUNE_RESULT = "outcome/result/"  # a trial's problem result, as the searcher sees it
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -136,11 +144,24 @@ class RoundSearch(OptunaSearch):
         return None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        """Tell the study; an evaluation error (a result with status ERROR) is a failed trial."""
+        """Tell the study (with the result's attributions as a user attr); an ERROR result is a failed trial."""
         if result is not None and result.get("status") == TrialStatus.ERROR.value:
             super().on_trial_complete(trial_id, None, error=True)
             return
+        # Tune hands searchers the forwarder's {"outcome": {"result": ...}} flattened to "outcome/result/<key>".
+        shares = attribution_of({k[len(TUNE_RESULT):]: v for k, v in (result or {}).items()
+                                 if k.startswith(TUNE_RESULT)})
+        if shares and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(ATTRIBUTION_ATTR, shares)
         super().on_trial_complete(trial_id, result, error=error)
+
+
+def attribution_of(result: Mapping[str, Any] | None) -> dict[str, float]:
+    """The `attribution/<param>` entries of a trial result, by parameter (empty when it has none)."""
+    if not result:
+        return {}
+    return {k[len(ATTRIBUTION_PREFIX):]: float(v) for k, v in result.items()
+            if k.startswith(ATTRIBUTION_PREFIX) and isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def next_number(exp: ExperimentDir, r: int, study: optuna.Study) -> int:
@@ -250,6 +271,9 @@ def reconcile_round(exp: ExperimentDir, r: int, trials_per_round: int, *, retry_
         if t.state == TrialState.RUNNING and rec is not None:
             values = record_values(rec, objectives) if rec.get("status") == TrialStatus.COMPLETE.value else None
             if values is not None:
+                shares = attribution_of(rec.get("result"))
+                if shares:
+                    storage.set_trial_user_attr(t._trial_id, ATTRIBUTION_ATTR, shares)
                 study.tell(t.number, values if len(values) > 1 else values[0])
             else:
                 storage.set_trial_user_attr(t._trial_id, ATTR_ERROR, str(rec.get("error"))[:500])

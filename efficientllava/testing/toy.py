@@ -27,6 +27,7 @@ import yaml
 from efficientllava.atomic import write_text_atomic
 from efficientllava.errors import ConfigError
 from efficientllava.search.api import (
+    ATTRIBUTION_PREFIX,
     DEFAULT_OBJECTIVES,
     METRIC,
     DriverContext,
@@ -151,4 +152,6 @@ class QuadraticProblem:
             "gap": 0.0,
             "kept_fraction": sum(float(v) for v in params.values()) / max(1.0, sum(highs)),
             **{f"policy/{k}": float(v) for k, v in params.items()},
+            # Each parameter's exact share of the loss (what the pruning problem estimates per unit).
+            **{f"{ATTRIBUTION_PREFIX}{k}": (float(v) - target) ** 2 for k, v in params.items()},
         }

@@ -10,6 +10,9 @@ weight, and the budget). Register one with
 Every module of this package is imported on first use, so a new built-in sampler is one new file;
 a plug-in registered from any other module works once that module is imported (a test file, say).
 `multi_objective=True` samplers search the problem's objectives jointly (fidelity vs kept fraction).
+`attribution=True` samplers read each completed trial's per-parameter attributions (the Optuna user
+attr `search.api.ATTRIBUTION_ATTR`); the pruning problem computes them only for such a sampler, since
+they cost a backward pass per trial.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class SamplerEntry:
     factory: SamplerFactory
     multi_objective: bool = False
     requires: tuple[str, ...] = ()
+    attribution: bool = False
 
     def missing(self) -> list[str]:
         """Required packages that are not installed."""
@@ -50,11 +54,11 @@ _REGISTRY: dict[str, SamplerEntry] = {}
 _loaded = False
 
 
-def register_sampler(name: str, *, multi_objective: bool = False,
-                     requires: tuple[str, ...] = ()) -> Callable[[SamplerFactory], SamplerFactory]:
+def register_sampler(name: str, *, multi_objective: bool = False, requires: tuple[str, ...] = (),
+                     attribution: bool = False) -> Callable[[SamplerFactory], SamplerFactory]:
     """Decorator: register `factory` as sampler `name` (a later registration of the name replaces it)."""
     def deco(factory: SamplerFactory) -> SamplerFactory:
-        _REGISTRY[name] = SamplerEntry(name, factory, multi_objective, tuple(requires))
+        _REGISTRY[name] = SamplerEntry(name, factory, multi_objective, tuple(requires), attribution)
         return factory
     return deco
 
@@ -82,6 +86,13 @@ def get_sampler(name: str) -> SamplerEntry:
         raise ConfigError(f"search.sampler={name!r} is not a registered sampler; choose one of "
                           f"{', '.join(sampler_names())}")
     return _REGISTRY[name]
+
+
+def uses_attribution(name: str) -> bool:
+    """Whether sampler `name` reads trial attributions (False for a name not registered in this process)."""
+    _load_builtins()
+    entry = _REGISTRY.get(name)
+    return entry is not None and entry.attribution
 
 
 def make_sampler(search: Any, seed: int, space: Space) -> optuna.samplers.BaseSampler:
