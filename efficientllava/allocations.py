@@ -38,8 +38,6 @@ import torch
 from efficientllava.budget_dp import least_cost_indices
 from efficientllava.errors import ConfigError, PolicyError
 from efficientllava.policy import PruningPolicy
-from efficientllava.pruning.bank import VariantBank
-from efficientllava.pruning.reconstruction import reconstruction_errors
 from efficientllava.pruning.units import PART_ROLES, PrunableUnit, parse_unit, prunable_units
 from efficientllava.space import SearchSpace, policy_indices, project
 
@@ -224,17 +222,15 @@ def seed_policies(space: SearchSpace, units: Units, weights: Mapping[str, int],
 
 
 def seed_points(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], space: SearchSpace,
-                weights: Mapping[str, int], bank: VariantBank | None = None,
+                weights: Mapping[str, int],
                 errors: Mapping[str, Mapping[float, float]] | None = None) -> dict[str, dict[str, int]]:
     """Round 0's named seed points as level indices of `space` (run where the model and few-shot set are).
 
     The model's units at the space's granularity, OWL's outlier ratios from `batches`, the
-    reconstruction errors (`errors`, or those of `bank`'s variants when a bank of `space`'s levels is
-    given), then `seed_policies`; each point is `{unit: index of its level}`, what a trial's params hold.
+    reconstruction errors of `space`'s levels (`pruning.reconstruction.reconstruction_errors`; None: no
+    error DP), then `seed_policies`; each point is `{unit: index of its level}`, what a trial's params hold.
     """
     units = prunable_units(model, space.granularity)
     outliers = owl_outlier_ratios(model, batches, units)
-    if errors is None and bank is not None:
-        errors = reconstruction_errors(model, batches, bank, units)
     return {name: policy_indices(policy, space)
             for name, policy in seed_policies(space, units, weights, outliers, errors=errors)}

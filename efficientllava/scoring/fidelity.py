@@ -131,11 +131,6 @@ def _open_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.log_softmax(answer_token_logits(model, batch)[0], dim=1)
 
 
-def answer_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's answer log-probabilities on `batch` (options: [batch, options]; open: [tokens, vocab])."""
-    return _choice_logprobs(model, batch) if batch_kind(batch) == "choice" else _open_logprobs(model, batch)
-
-
 @torch.no_grad()
 def dense_reference(model: Any, batches: list[dict[str, torch.Tensor]]) -> DenseReference:
     """The dense model's distributions and targets on `batches` (run on the unpruned model)."""
@@ -158,7 +153,7 @@ def dense_reference(model: Any, batches: list[dict[str, torch.Tensor]]) -> Dense
     return DenseReference(tuple(out), n)
 
 
-def kl_rows(ref: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+def _kl_rows(ref: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """KL(ref || new) per row of log-probabilities; entries where ref is -inf (probability 0) add nothing."""
     p = ref.exp()
     terms = torch.where(torch.isfinite(ref), p * (ref - new), torch.zeros_like(ref))
@@ -179,18 +174,19 @@ def evaluate_fidelity(model: Any, batches: list[dict[str, torch.Tensor]], refere
     loglik: list[float] = []
     kl: list[float] = []
     for batch, ref in zip(batches, reference.batches, strict=True):
+        kind = batch_kind(batch)
         with torch.enable_grad() if backward is not None else torch.no_grad():
-            if batch_kind(batch) == "choice":
+            if kind == "choice":
                 logprobs = _choice_logprobs(model, batch)
-                rows = kl_rows(ref.logprobs, logprobs)
+                rows = _kl_rows(ref.logprobs, logprobs)
             else:
                 logits, sample = answer_token_logits(model, batch)
                 logprobs = torch.log_softmax(logits, dim=1)
-                rows = kl_rows(ref.logprobs, logprobs)
+                rows = _kl_rows(ref.logprobs, logprobs)
             if backward is not None:
                 backward(rows.sum())
         logprobs, rows = logprobs.detach(), rows.detach()
-        if batch_kind(batch) == "choice":
+        if kind == "choice":
             picked = logprobs.gather(1, ref.targets[:, None]).squeeze(1)
             correct.extend((logprobs.argmax(1) == ref.targets).tolist())
             loglik.extend(picked.tolist())
